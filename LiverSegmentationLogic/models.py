@@ -1,0 +1,146 @@
+"""Model files: weights + model card (JSON) in one folder, loaded safely and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError, ModelNotFoundError
+from .network import UNet2D
+from .preprocessing import PreprocessConfig
+
+CARD_NAME = "model_card.json"
+WEIGHTS_NAME = "model.pt"
+DEFAULT_MODEL = "liver-mr-t2"
+CARD_SCHEMA_VERSION = 1
+
+
+def resources_dir() -> Path:
+    """The extension's ``Resources`` folder (next to the package in the repository)."""
+    return Path(__file__).resolve().parent.parent / "Resources"
+
+
+def models_dir() -> Path:
+    """Where named models live; ``LIVERSEG_MODELS_DIR`` overrides the bundled folder."""
+    return Path(os.environ.get("LIVERSEG_MODELS_DIR", resources_dir() / "Models"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A ready network with its card."""
+
+    network: UNet2D
+    card: dict
+    folder: Path
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.card["preprocessing"])
+
+    @property
+    def classes(self) -> list[dict]:
+        """Foreground classes: dicts with label, name, color (0-1 RGB), terminology."""
+        return self.card["classes"]
+
+    @property
+    def name_version(self) -> str:
+        return f"{self.card['name']} {self.card['version']}"
+
+
+def resolve_model_folder(model: str | os.PathLike | None = None) -> Path:
+    """A model name (folder under :func:`models_dir`), a model folder or a card path -> folder.
+
+    Raises:
+        ModelNotFoundError: nothing with a model card at that name or path.
+    """
+    model = DEFAULT_MODEL if model is None else model
+    candidates = [Path(model)]
+    if not Path(model).is_absolute() and os.sep not in str(model) and "/" not in str(model):
+        candidates.insert(0, models_dir() / str(model))
+    for c in candidates:
+        if c.is_file() and c.name == CARD_NAME:
+            return c.parent
+        if (c / CARD_NAME).is_file():
+            return c
+    known = sorted(p.parent.name for p in models_dir().glob(f"*/{CARD_NAME}"))
+    raise ModelNotFoundError(
+        f"No model found at {model!s} (looked for {CARD_NAME} in {', '.join(str(c) for c in candidates)}). "
+        f"Known models: {', '.join(known) or 'none'}"
+    )
+
+
+def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder: read the card, check the weights' sha256, build the network.
+
+    The weights are read with ``torch.load(weights_only=True)``: tensors only, no code.
+
+    Raises:
+        ModelNotFoundError: no card or no weights file.
+        ModelLoadError: unreadable card, checksum mismatch, or weights that do not fit the network.
+    """
+    folder = resolve_model_folder(model)
+    try:
+        card = json.loads((folder / CARD_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"Model card {folder / CARD_NAME} is not valid JSON: {exc}") from exc
+    for key in ("name", "version", "classes", "preprocessing", "network", "sha256"):
+        if key not in card:
+            raise ModelLoadError(f"Model card {folder / CARD_NAME} lacks the field {key!r}")
+    weights = folder / card.get("weights", WEIGHTS_NAME)
+    if not weights.is_file():
+        raise ModelNotFoundError(f"Model weights missing: {weights}")
+    actual = sha256_of(weights)
+    if actual != card["sha256"]:
+        raise ModelLoadError(
+            f"Model weights {weights} are corrupt or were changed: sha256 {actual[:12]}... "
+            f"does not match the card's {card['sha256'][:12]}..."
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network = UNet2D(**card["network"])
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as exc:  # torch raises many types for bad files; all mean "corrupt"
+        raise ModelLoadError(f"Cannot load model weights {weights}: {exc}") from exc
+    network.eval().to(device)
+    return LoadedModel(network, card, folder)
+
+
+def save_model(folder: str | os.PathLike, network: UNet2D, card: dict) -> Path:
+    """Write weights (float16, to keep the file small) and the card with their sha256.
+
+    Writes to temporary names and renames, so a crash leaves no half model.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    weights = folder / WEIGHTS_NAME
+    tmp = weights.with_suffix(".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, weights)
+    card = dict(card)
+    card.update(
+        schema_version=CARD_SCHEMA_VERSION,
+        network=network.config,
+        weights=WEIGHTS_NAME,
+        sha256=sha256_of(weights),
+    )
+    tmp_card = folder / (CARD_NAME + ".tmp")
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp_card, folder / CARD_NAME)
+    return folder

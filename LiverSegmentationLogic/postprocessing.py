@@ -1,0 +1,46 @@
+"""Clean-up of predicted labelmaps: largest connected component, hole filling."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component of a boolean mask."""
+    labelled, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    return labelled == int(np.argmax(sizes))
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Fill holes in each axial slice (axis 0) of a (z, y, x) mask."""
+    out = np.empty_like(mask, dtype=bool)
+    for z in range(mask.shape[0]):
+        out[z] = ndimage.binary_fill_holes(mask[z])
+    return out
+
+
+def postprocess_labels(labels: np.ndarray, rules: dict[int, dict]) -> np.ndarray:
+    """Apply per-class rules to a (z, y, x) labelmap.
+
+    Args:
+        rules: ``{label: {"largest_component": bool, "fill_holes": bool}}``. Filled holes take the
+            class's label only where they were background, so other classes are never overwritten.
+    """
+    out = labels.copy()
+    for label, rule in rules.items():
+        mask = out == label
+        if not mask.any():
+            continue
+        if rule.get("largest_component"):
+            keep = largest_component(mask)
+            out[mask & ~keep] = 0
+            mask = keep
+        if rule.get("fill_holes"):
+            filled = fill_holes_per_slice(mask)
+            out[filled & (out == 0)] = label
+    return out

@@ -1,0 +1,216 @@
+"""Reversible preprocessing: axial reorientation, normalisation, in-plane resampling, padding,
+2.5D neighbour-slice input.
+
+Every forward step has an inverse so that a prediction made on the model grid lands back on the
+input grid voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .imageio import Geometry
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a model wants its input.
+
+    Attributes:
+        spacing_xy: in-plane voxel size of the model grid, mm (x, y).
+        neighbours: k neighbour slices on each side; the model sees 2k + 1 channels.
+        intensity: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}`` (clip to these
+            percentiles, then min-max to 0-1; the default, suited to MR) or
+            ``{"method": "window", "center": C, "width": W}`` (a fixed window, suited to CT).
+        multiple: pad the in-plane size up to a multiple of this (the U-Net's total stride).
+    """
+
+    spacing_xy: tuple[float, float] = (2.0, 2.0)
+    neighbours: int = 1
+    intensity: dict = field(default_factory=lambda: {"method": "percentile", "lower": 0.5, "upper": 99.5})
+    multiple: int = 16
+
+    def __post_init__(self):
+        if len(self.spacing_xy) != 2 or min(self.spacing_xy) <= 0:
+            raise ValueError(f"spacing_xy must be two positive numbers, got {self.spacing_xy}")
+        if self.neighbours < 0:
+            raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
+        if self.multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+        method = self.intensity.get("method")
+        if method == "percentile":
+            if not 0 <= self.intensity["lower"] < self.intensity["upper"] <= 100:
+                raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100: {self.intensity}")
+        elif method == "window":
+            if self.intensity["width"] <= 0:
+                raise ValueError(f"window width must be positive: {self.intensity}")
+        else:
+            raise ValueError(f"intensity method must be 'percentile' or 'window', got {method!r}")
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.neighbours + 1
+
+    def to_dict(self) -> dict:
+        return {
+            "spacing_xy": list(self.spacing_xy),
+            "neighbours": self.neighbours,
+            "intensity": dict(self.intensity),
+            "multiple": self.multiple,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(
+            spacing_xy=tuple(float(s) for s in d["spacing_xy"]),
+            neighbours=int(d["neighbours"]),
+            intensity=dict(d["intensity"]),
+            multiple=int(d.get("multiple", 16)),
+        )
+
+
+class AxialReorientation:
+    """Permute and flip array axes so that numpy axes are (S, P, L): axial slices along axis 0,
+    rows running anterior to posterior, columns right to left (the radiological view).
+
+    Only axis permutations and flips are used (no interpolation), so the inverse is exact. For an
+    oblique scan the closest axis assignment is chosen.
+    """
+
+    def __init__(self, geometry: Geometry):
+        d = np.abs(geometry.direction_matrix)
+        # index axis a (0=i, 1=j, 2=k) -> world axis best[a] (0=x/L, 1=y/P, 2=z/S)
+        best = max(itertools.permutations(range(3)), key=lambda p: sum(d[p[a], a] for a in range(3)))
+        signs = [np.sign(geometry.direction_matrix[best[a], a]) or 1.0 for a in range(3)]
+        axes = [0, 0, 0]
+        flips = []
+        spacing_world = [0.0, 0.0, 0.0]
+        for a in range(3):
+            new_axis = 2 - best[a]
+            axes[new_axis] = 2 - a  # numpy axis of index axis a
+            spacing_world[best[a]] = geometry.spacing[a]
+            if signs[a] < 0:
+                flips.append(new_axis)
+        self.axes = tuple(axes)
+        self.flips = tuple(sorted(flips))
+        self.inverse_axes = tuple(int(i) for i in np.argsort(self.axes))
+        #: spacing of the reoriented array along (z, y, x), mm
+        self.spacing_zyx = (spacing_world[2], spacing_world[1], spacing_world[0])
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        """Input (k, j, i) array (optionally with leading channel axes) -> (z, y, x)."""
+        lead = array.ndim - 3
+        out = np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.axes))
+        if self.flips:
+            out = np.flip(out, axis=tuple(lead + f for f in self.flips))
+        return out
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        """(z, y, x) array (optionally with leading channel axes) -> input (k, j, i) order."""
+        lead = array.ndim - 3
+        if self.flips:
+            array = np.flip(array, axis=tuple(lead + f for f in self.flips))
+        return np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.inverse_axes))
+
+
+def normalise_intensity(array: np.ndarray, intensity: dict) -> np.ndarray:
+    """Clip (to percentiles or a window) and rescale to 0-1, as float32."""
+    array = np.asarray(array, dtype=np.float32)
+    if intensity["method"] == "percentile":
+        lo, hi = np.percentile(array, [intensity["lower"], intensity["upper"]])
+    else:
+        lo = intensity["center"] - intensity["width"] / 2.0
+        hi = intensity["center"] + intensity["width"] / 2.0
+    if hi <= lo:  # near-constant image: fall back to the full range
+        lo, hi = float(array.min()), float(array.max())
+    scale = 1.0 / (hi - lo) if hi > lo else 1.0
+    return np.clip((array - lo) * scale, 0.0, 1.0, dtype=np.float32)
+
+
+@dataclass
+class PreparedVolume:
+    """A volume on the model grid plus what is needed to map predictions back."""
+
+    image: np.ndarray  # (Z, H, W) float32, normalised, resampled, padded
+    reorientation: AxialReorientation
+    axial_shape: tuple[int, int, int]  # (Z, h, w) after reorientation, before resampling
+    resampled_hw: tuple[int, int]  # (H', W') before padding
+    pad: tuple[int, int, int, int]  # (top, bottom, left, right)
+
+    def unpad(self, tensor: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = self.pad
+        h, w = self.resampled_hw
+        return tensor[..., top : top + h, left : left + w]
+
+    def to_input_grid(self, tensor: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(B, C, H, W) model-grid maps -> (B, C, h, w) on the reoriented input grid."""
+        tensor = self.unpad(tensor)
+        size = self.axial_shape[1:]
+        if tuple(tensor.shape[-2:]) == tuple(size):
+            return tensor
+        if mode == "nearest":
+            return F.interpolate(tensor, size=size, mode="nearest-exact")
+        return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+
+
+def resample_in_plane(array: np.ndarray, size: tuple[int, int], is_label: bool = False) -> np.ndarray:
+    """Resample a (Z, h, w) array to (Z, *size); linear (antialiased) for images, nearest for labels."""
+    if tuple(array.shape[1:]) == tuple(size):
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array))[:, None]
+    if is_label:
+        out = F.interpolate(t.float(), size=size, mode="nearest-exact").to(t.dtype)
+    else:
+        downsampling = size[0] < array.shape[1] or size[1] < array.shape[2]
+        out = F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False, antialias=downsampling)
+    return out[:, 0].numpy()
+
+
+def model_grid_size(axial_shape, spacing_zyx, config: PreprocessConfig) -> tuple[int, int]:
+    _, h, w = axial_shape
+    return (
+        max(1, int(round(h * spacing_zyx[1] / config.spacing_xy[1]))),
+        max(1, int(round(w * spacing_zyx[2] / config.spacing_xy[0]))),
+    )
+
+
+def pad_amounts(hw: tuple[int, int], multiple: int) -> tuple[int, int, int, int]:
+    ph = (-hw[0]) % multiple
+    pw = (-hw[1]) % multiple
+    return (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+
+
+def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig) -> PreparedVolume:
+    """Input (k, j, i) array + geometry -> the model-grid volume, with its inverse information."""
+    reorientation = AxialReorientation(geometry)
+    axial = normalise_intensity(reorientation.forward(array), config.intensity)
+    size = model_grid_size(axial.shape, reorientation.spacing_zyx, config)
+    resampled = resample_in_plane(axial, size)
+    pad = pad_amounts(size, config.multiple)
+    padded = np.pad(resampled, ((0, 0), pad[:2], pad[2:]), mode="constant", constant_values=0.0)
+    return PreparedVolume(np.ascontiguousarray(padded), reorientation, tuple(axial.shape), size, pad)
+
+
+def prepare_labels(labels: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
+    """Map an input-grid labelmap onto the model grid of ``prepared`` (nearest neighbour)."""
+    axial = np.ascontiguousarray(prepared.reorientation.forward(labels)).astype(np.uint8)
+    resampled = resample_in_plane(axial, prepared.resampled_hw, is_label=True)
+    pad = prepared.pad
+    return np.pad(resampled, ((0, 0), pad[:2], pad[2:]), mode="constant", constant_values=0)
+
+
+def neighbour_stack(image: np.ndarray, slices: np.ndarray | list[int], k: int) -> np.ndarray:
+    """2.5D input: for each slice index, the slice and k neighbours on each side (edges replicated).
+
+    Returns:
+        (len(slices), 2k + 1, H, W) array; channel k is the slice itself.
+    """
+    slices = np.asarray(slices)
+    offsets = np.arange(-k, k + 1)
+    index = np.clip(slices[:, None] + offsets[None, :], 0, image.shape[0] - 1)
+    return image[index]
