@@ -1,0 +1,84 @@
+"""One case end to end: segment a volume, read out volumes and fat fraction, write the results.
+
+Local inference, the CLI and (later) the inference server all call :func:`segment_case`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from .imageio import Volume, write_labelmap, write_seg_nrrd
+from .inference import ProgressCallback, SegmentationResult, Segmenter
+from .readouts import DEFAULT_MARGIN_MM, fat_fraction_readout, label_volume_ml
+
+
+def segment_case(
+    segmenter: Segmenter,
+    volume: Volume,
+    ff_map: Optional[Volume] = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    ff_unit: str = "auto",
+    progress: Optional[ProgressCallback] = None,
+    cancel=None,
+) -> tuple[SegmentationResult, dict]:
+    """Segment ``volume`` and compute its readouts.
+
+    Returns:
+        the segmentation and a readout dict: ``volumes_ml`` per class name, ``fat_fraction``
+        (None without a map; computed in the class named "liver"), ``model``, ``timings``.
+    """
+    result = segmenter.segment(volume, progress=progress, cancel=cancel)
+    t0 = time.perf_counter()
+    readout = {
+        "volumes_ml": {c["name"]: label_volume_ml(result.labels, result.geometry, c["label"]) for c in result.classes},
+        "fat_fraction": None,
+        "model": result.model,
+    }
+    if ff_map is not None:
+        liver = next((c for c in result.classes if c["name"] == "liver"), None)
+        if liver is not None:
+            mask = Volume(result.labels == liver["label"], result.geometry)
+            readout["fat_fraction"] = fat_fraction_readout(mask, ff_map, margin_mm=margin_mm, unit=ff_unit)
+    result.timings["readout"] = time.perf_counter() - t0
+    readout["timings"] = dict(result.timings)
+    return result, readout
+
+
+def write_segmentation(path: str | os.PathLike, result: SegmentationResult) -> Path:
+    """Write by extension: ``.seg.nrrd`` (Slicer segmentation with named segments) or any
+    labelmap format SimpleITK writes (``.nrrd``, ``.nii.gz``, ``.mha``...)."""
+    path = Path(path)
+    if path.name.endswith(".seg.nrrd"):
+        segments = [
+            {"label": c["label"], "name": c["name"], "color": c["color"], "terminology": c.get("terminology")}
+            for c in result.classes
+        ]
+        return write_seg_nrrd(path, result.labels, result.geometry, segments)
+    return write_labelmap(path, result.labels, result.geometry)
+
+
+def format_readout(readout: dict) -> str:
+    """A plain-text table of the readouts."""
+    rows = [("model", f"{readout['model']['name']} {readout['model']['version']}")]
+    for name, ml in readout["volumes_ml"].items():
+        rows.append((f"{name} volume", f"{ml:.1f} mL"))
+    ff = readout.get("fat_fraction")
+    if ff:
+        rows += [
+            ("liver PDFF median", f"{ff['median']:.2f} %"),
+            ("liver PDFF mean", f"{ff['mean']:.2f} %"),
+            ("liver PDFF IQR", f"{ff['p25']:.2f} - {ff['p75']:.2f} % ({ff['iqr']:.2f})"),
+            ("PDFF voxels", f"{ff['n_voxels']} (margin {ff['margin_mm']:g} mm, map in {ff['unit']})"),
+            ("steatosis (> 5.56 %)", "YES" if ff["steatosis"] else "no"),
+        ]
+    else:
+        rows.append(("liver PDFF", "n/a (no fat-fraction map given)"))
+    timings = readout.get("timings", {})
+    if timings:
+        rows.append(("time", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+

@@ -1,0 +1,147 @@
+"""Readouts from a segmentation: organ volumes and the liver fat fraction (PDFF)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import FatFractionError
+from .imageio import Geometry, Volume
+
+#: liver PDFF above this (percent) flags steatosis (Szczepaniak et al. 2005, the common MR cut-off)
+STEATOSIS_THRESHOLD_PERCENT = 5.56
+DEFAULT_MARGIN_MM = 3.0
+
+
+def label_volume_ml(labels: np.ndarray, geometry: Geometry, label: int = 1) -> float:
+    """Volume of one label in mL: voxel count x voxel volume, on the labelmap's own grid."""
+    return float(np.count_nonzero(labels == label)) * geometry.voxel_volume_ml
+
+
+def detect_fat_fraction_unit(values: np.ndarray) -> Literal["percent", "fraction"]:
+    """Tell a percent map (0-100) from a fraction map (0-1) by its 99th percentile.
+
+    A whole fat-fraction map always holds some fatty tissue (subcutaneous fat, > 50 %), so a
+    fraction map stays at or below ~1 and a percent map goes well above it.
+
+    Raises:
+        FatFractionError: the values fit neither unit unambiguously; pass the unit explicitly.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise FatFractionError("The fat-fraction map has no finite values")
+    p99 = float(np.percentile(finite, 99))
+    if p99 <= 1.05:
+        return "fraction"
+    if 5.0 <= p99 <= 150.0:
+        return "percent"
+    raise FatFractionError(
+        f"Cannot tell whether the fat-fraction map is in percent or fraction (99th percentile {p99:.3g}); "
+        "give the unit explicitly (--ff-unit percent|fraction)"
+    )
+
+
+def resample_mask_to(mask: Volume, target: Geometry, target_shape: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a mask onto another grid, by physical (LPS) coordinates."""
+    reference = sitk.Image([int(s) for s in target_shape[::-1]], sitk.sitkUInt8)
+    reference.SetSpacing(target.spacing)
+    reference.SetOrigin(target.origin)
+    reference.SetDirection(target.direction)
+    moving = Volume(mask.array.astype(np.uint8), mask.geometry).to_sitk()
+    out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out).astype(bool)
+
+
+def erode_mm(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
+    """Keep the voxels farther than ``margin_mm`` from the mask's outside (exact in mm)."""
+    if margin_mm <= 0:
+        return mask
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
+    return depth > margin_mm
+
+
+def fat_fraction_readout(
+    liver_mask: Volume,
+    ff_map: Volume,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    unit: Literal["auto", "percent", "fraction"] = "auto",
+) -> dict:
+    """Liver fat fraction inside an eroded liver mask, on the fat-fraction map's own grid.
+
+    The mask is resampled into the map's grid by physical coordinates (so the map may have any
+    spacing, extent or orientation), eroded by ``margin_mm`` to stay clear of partial-volume
+    voxels at the liver border, and the map is summarised inside it. Non-finite map voxels
+    (e.g. background set to NaN) are ignored.
+
+    Args:
+        liver_mask: boolean/0-1 liver mask with its geometry.
+        ff_map: fat-fraction (PDFF) map, percent or fraction.
+        margin_mm: erosion margin from the liver border.
+        unit: unit of ``ff_map``; ``"auto"`` detects it (see :func:`detect_fat_fraction_unit`).
+
+    Returns:
+        median, mean, p25, p75, iqr (all percent), n_voxels, margin_mm, unit (of the input map),
+        steatosis (median > 5.56 %).
+
+    Raises:
+        FatFractionError: no overlap, nothing left after erosion, or an ambiguous unit.
+    """
+    if margin_mm < 0:
+        raise FatFractionError(f"margin_mm must be >= 0, got {margin_mm}")
+    if unit not in ("auto", "percent", "fraction"):
+        raise FatFractionError(f"unit must be auto, percent or fraction, got {unit!r}")
+    if ff_map.array.ndim != 3:
+        raise FatFractionError(f"The fat-fraction map must be 3D, got {ff_map.array.ndim}D")
+    if not np.any(liver_mask.array):
+        raise FatFractionError("The liver mask is empty: nothing to measure the fat fraction in")
+    values = np.asarray(ff_map.array, dtype=np.float64)
+    if unit == "auto":
+        unit = detect_fat_fraction_unit(values)
+    mask = resample_mask_to(liver_mask, ff_map.geometry, values.shape)
+    if not mask.any():
+        raise FatFractionError("The fat-fraction map does not overlap the liver mask (check both scans' positions)")
+    spacing_zyx = ff_map.geometry.spacing[::-1]
+    inner = erode_mm(mask, spacing_zyx, margin_mm) & np.isfinite(values)
+    if not inner.any():
+        raise FatFractionError(
+            f"No liver voxel of the fat-fraction map is more than {margin_mm} mm inside the liver; "
+            "use a smaller margin"
+        )
+    sample = values[inner] * (100.0 if unit == "fraction" else 1.0)
+    p25, median, p75 = np.percentile(sample, [25, 50, 75])
+    return {
+        "median": float(median),
+        "mean": float(sample.mean()),
+        "p25": float(p25),
+        "p75": float(p75),
+        "iqr": float(p75 - p25),
+        "n_voxels": int(sample.size),
+        "margin_mm": float(margin_mm),
+        "unit": unit,
+        "steatosis": bool(median > STEATOSIS_THRESHOLD_PERCENT),
+    }
+
+
+def dixon_fat_fraction(in_phase: Volume, opposed_phase: Volume, min_signal_fraction: float = 0.05) -> Volume:
+    """Two-point Dixon fat fraction (percent) from in-phase and opposed-phase magnitude images.
+
+    With water W and fat F, IP = W + F and OP = |W - F|; assuming water dominates (the usual
+    liver case), FF = F / (W + F) = (IP - OP) / (2 IP). Magnitude two-point Dixon cannot tell
+    FF from 100 - FF, so the result lies in 0-50 %. Voxels whose in-phase signal is below
+    ``min_signal_fraction`` x the 99th percentile are background and set to NaN.
+
+    Raises:
+        FatFractionError: the two images are not on the same grid.
+    """
+    if in_phase.array.shape != opposed_phase.array.shape or not in_phase.geometry.allclose(opposed_phase.geometry):
+        raise FatFractionError("In-phase and opposed-phase images must be on the same grid")
+    ip = np.asarray(in_phase.array, dtype=np.float32)
+    op = np.abs(np.asarray(opposed_phase.array, dtype=np.float32))
+    floor = min_signal_fraction * float(np.percentile(ip[np.isfinite(ip)], 99))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ff = np.clip((ip - op) / (2.0 * ip) * 100.0, 0.0, 50.0)
+    ff[~(ip > floor)] = np.nan
+    return Volume(ff.astype(np.float32), in_phase.geometry)

@@ -1,0 +1,63 @@
+"""Shared fixtures: real data from ../shared/data (skipped with a clear message where absent) and
+small constructed inputs that always exist."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("LIVERSEG_DATA", REPO.parent / "shared" / "data"))
+CHAOS_MR = DATA / "chaos-mr-t2"
+CHAOS_CT = DATA / "chaos-ct-1"
+LITS_CT = DATA / "lits-ct"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set LIVERSEG_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chaos_mr() -> Path:
+    return require(CHAOS_MR)
+
+
+@pytest.fixture(scope="session")
+def chaos_ct() -> Path:
+    return require(CHAOS_CT)
+
+
+@pytest.fixture(scope="session")
+def sample_case():
+    """The bundled sample (always in the repository): image Volume and reference liver mask."""
+    from LiverSegmentationLogic.imageio import read_volume
+    from LiverSegmentationLogic.sample import sample_paths
+
+    image_path, label_path = sample_paths()
+    image = read_volume(image_path)
+    label = read_volume(label_path, validate=False)
+    return image, np.rint(label.array).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from LiverSegmentationLogic.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def segmenter(default_model):
+    from LiverSegmentationLogic.inference import Segmenter
+
+    return Segmenter(default_model, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_result(segmenter, sample_case):
+    return segmenter.segment(sample_case[0])

@@ -1,0 +1,112 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from LiverSegmentationLogic.imageio import Geometry, read_volume
+from LiverSegmentationLogic.metrics import dice
+from LiverSegmentationLogic.preprocessing import (
+    AxialReorientation,
+    PreprocessConfig,
+    neighbour_stack,
+    normalise_intensity,
+    prepare_labels,
+    prepare_volume,
+)
+
+
+def _reoriented_copies(array: np.ndarray, spacing):
+    """Every permutation/flip storage of the same LPS-aligned (z, y, x) array, with its geometry.
+
+    Yields (stored array in (k, j, i) order, geometry) describing identical physical content.
+    """
+    for perm in itertools.permutations(range(3)):  # index axis a -> world axis perm[a]
+        for signs in itertools.product((1, -1), repeat=3):
+            direction = np.zeros((3, 3))
+            for a in range(3):
+                direction[perm[a], a] = signs[a]
+            # stored[k, j, i]: index axis a runs along world axis perm[a] in direction signs[a]
+            world_axes_of_numpy = [2 - perm[2 - n] for n in range(3)]
+            stored = np.transpose(array, world_axes_of_numpy)
+            for n in range(3):
+                if signs[2 - n] < 0:
+                    stored = np.flip(stored, axis=n)
+            sp = tuple(spacing[2 - perm[a]] for a in range(3))  # spacing given in (z, y, x)
+            yield np.ascontiguousarray(stored), Geometry(sp, (0.0, 0.0, 0.0), tuple(direction.ravel()))
+
+
+def test_reorientation_finds_axial_view_from_any_storage():
+    axial = np.random.default_rng(1).random((4, 5, 6))
+    count = 0
+    for stored, geometry in _reoriented_copies(axial, (3.0, 1.5, 1.0)):
+        r = AxialReorientation(geometry)
+        np.testing.assert_array_equal(r.forward(stored), axial)
+        np.testing.assert_array_equal(r.inverse(r.forward(stored)), stored)
+        assert r.spacing_zyx == (3.0, 1.5, 1.0)
+        count += 1
+    assert count == 48
+
+
+def test_oblique_direction_picks_closest_axes():
+    tilt = np.radians(20)
+    direction = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, -1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
+    r = AxialReorientation(Geometry((1, 2, 3), (0, 0, 0), tuple(direction.ravel())))
+    stored = np.random.rand(3, 4, 5)
+    assert r.forward(stored).shape == (3, 4, 5)
+    assert r.flips == (1,)
+    np.testing.assert_array_equal(r.inverse(r.forward(stored)), stored)
+
+
+def test_normalisation_percentile_and_window():
+    x = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    out = normalise_intensity(x, {"method": "percentile", "lower": 1, "upper": 99})
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    assert (out == 0).sum() > 1 and (out == 1).sum() > 1  # tails clipped
+    ct = normalise_intensity(np.array([-1000.0, 40.0, 240.0]), {"method": "window", "center": 40, "width": 400})
+    np.testing.assert_allclose(ct, [0.0, 0.5, 1.0])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="neighbours"):
+        PreprocessConfig(neighbours=-1)
+    with pytest.raises(ValueError, match="percentiles"):
+        PreprocessConfig(intensity={"method": "percentile", "lower": 90, "upper": 10})
+    with pytest.raises(ValueError, match="intensity method"):
+        PreprocessConfig(intensity={"method": "zscore"})
+    cfg = PreprocessConfig(spacing_xy=(1.5, 1.5), neighbours=2)
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg and cfg.in_channels == 5
+
+
+def test_neighbour_stack_replicates_edges():
+    image = np.arange(5)[:, None, None] * np.ones((5, 2, 2))
+    stack = neighbour_stack(image, [0, 2, 4], k=2)
+    assert stack.shape == (3, 5, 2, 2)
+    np.testing.assert_array_equal(stack[:, :, 0, 0], [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [2, 3, 4, 4, 4]])
+
+
+def test_prepare_and_invert_on_real_volume(chaos_mr):
+    image = read_volume(chaos_mr / "image_2.nii.gz")
+    labels = np.rint(read_volume(chaos_mr / "label_2.nii.gz", validate=False).array).astype(np.uint8)
+    config = PreprocessConfig(spacing_xy=(2.0, 2.0))
+    prepared = prepare_volume(image.array, image.geometry, config)
+    z, h, w = prepared.image.shape
+    assert h % 16 == 0 and w % 16 == 0 and z == image.array.shape[0]
+    assert prepared.resampled_hw == (160, 160)  # 256 x 1.25 mm / 2 mm
+    model_labels = prepare_labels(labels, prepared)
+    assert set(np.unique(model_labels)) == {0, 1, 2, 3, 4}  # nearest neighbour keeps label values
+    # back to the input grid: the labelmap survives the round trip nearly intact
+    onehot = torch.from_numpy((model_labels[:, None] == 1).astype(np.float32))
+    axial_back = prepared.to_input_grid(onehot)[:, 0].numpy() > 0.5
+    back = prepared.reorientation.inverse(axial_back)
+    assert back.shape == labels.shape
+    assert dice(back, labels == 1) > 0.97
+
+
+def test_padding_for_odd_sizes():
+    geometry = Geometry((1.0, 1.0, 5.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = np.random.rand(3, 37, 50).astype(np.float32)
+    prepared = prepare_volume(image, geometry, PreprocessConfig(spacing_xy=(1.0, 1.0)))
+    assert prepared.image.shape == (3, 48, 64)
+    logits = torch.from_numpy(prepared.image[:, None])
+    np.testing.assert_allclose(prepared.to_input_grid(logits)[:, 0].numpy(), normalise_intensity(image, PreprocessConfig().intensity))

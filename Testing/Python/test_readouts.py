@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from LiverSegmentationLogic.errors import FatFractionError
+from LiverSegmentationLogic.imageio import Geometry, Volume
+from LiverSegmentationLogic.readouts import (
+    detect_fat_fraction_unit,
+    dixon_fat_fraction,
+    fat_fraction_readout,
+    label_volume_ml,
+    resample_mask_to,
+)
+
+
+def test_volume_counts_one_label_exactly():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:7, 2:6, 2:5] = 1  # 60 voxels
+    labels[8, 8, 8] = 2
+    geometry = Geometry((1.5, 2.0, 5.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert label_volume_ml(labels, geometry, 1) == pytest.approx(60 * 15.0 / 1000)
+    assert label_volume_ml(labels, geometry, 2) == pytest.approx(15.0 / 1000)
+
+
+@pytest.fixture(scope="module")
+def liver_and_map_grid(sample_case):
+    """The sample's reference liver and a PDFF map grid that differs in spacing, origin, extent
+    and orientation (rotated 10 degrees about the z axis)."""
+    image, labels = sample_case
+    liver = Volume(labels == 1, image.geometry)
+    rotation = sitk.VersorTransform((0, 0, 1), np.radians(10)).GetMatrix()
+    centre = np.array(image.to_sitk().TransformContinuousIndexToPhysicalPoint([128, 128, 15]))
+    shape = (30, 120, 130)  # (z, y, x) of the map
+    spacing = np.array([2.2, 2.6, 6.0])
+    direction = np.asarray(rotation).reshape(3, 3)
+    origin = centre - direction @ (spacing * np.array(shape[::-1]) / 2)
+    geometry = Geometry(tuple(spacing), tuple(origin), tuple(rotation))
+    return liver, geometry, shape
+
+
+def _map_with_rim(liver, geometry, shape, inside, rim, outside, rim_mm=4.0):
+    """A PDFF map: `inside` deep in the liver, `rim` within rim_mm of its border, `outside` elsewhere."""
+    mask = resample_mask_to(liver, geometry, shape)
+    depth = ndimage.distance_transform_edt(mask, sampling=geometry.spacing[::-1])
+    ff = np.full(shape, outside, np.float32)
+    ff[mask] = rim
+    ff[depth > rim_mm] = inside
+    return Volume(ff, geometry)
+
+
+def test_ff_readout_on_another_grid_with_margin(liver_and_map_grid):
+    liver, geometry, shape = liver_and_map_grid
+    ff_map = _map_with_rim(liver, geometry, shape, inside=8.0, rim=30.0, outside=90.0)
+    no_margin = fat_fraction_readout(liver, ff_map, margin_mm=0.0)
+    with_margin = fat_fraction_readout(liver, ff_map, margin_mm=5.0)
+    assert no_margin["mean"] > 9.0  # partial-volume rim pulls the mean up
+    assert with_margin["median"] == pytest.approx(8.0) and with_margin["mean"] == pytest.approx(8.0)
+    assert with_margin["iqr"] == pytest.approx(0.0)
+    assert with_margin["n_voxels"] < no_margin["n_voxels"]
+    assert with_margin["unit"] == "percent" and with_margin["steatosis"] is True
+
+
+def test_ff_fraction_unit_detected_and_reported_in_percent(liver_and_map_grid):
+    liver, geometry, shape = liver_and_map_grid
+    ff_map = _map_with_rim(liver, geometry, shape, inside=0.04, rim=0.3, outside=0.9)
+    r = fat_fraction_readout(liver, ff_map, margin_mm=5.0)
+    assert r["unit"] == "fraction"
+    assert r["median"] == pytest.approx(4.0, abs=1e-4)
+    assert r["steatosis"] is False
+
+
+def test_ff_unit_detection_and_ambiguity():
+    assert detect_fat_fraction_unit(np.array([0.0, 0.05, 0.9])) == "fraction"
+    assert detect_fat_fraction_unit(np.array([0.0, 5.0, 90.0])) == "percent"
+    with pytest.raises(FatFractionError, match="percent or fraction"):
+        detect_fat_fraction_unit(np.array([0.0, 1.5, 2.0]))
+
+
+def test_ff_map_that_does_not_overlap(liver_and_map_grid):
+    liver, geometry, shape = liver_and_map_grid
+    far = Geometry(geometry.spacing, tuple(np.array(geometry.origin) + 2000.0), geometry.direction)
+    with pytest.raises(FatFractionError, match="does not overlap"):
+        fat_fraction_readout(liver, Volume(np.full(shape, 5.0, np.float32), far))
+    with pytest.raises(FatFractionError, match="smaller margin"):
+        fat_fraction_readout(liver, _map_with_rim(liver, geometry, shape, 8.0, 30.0, 90.0), margin_mm=200.0)
+
+
+def test_dixon_two_point_fat_fraction():
+    geometry = Geometry((1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    water, fat = np.full((3, 4, 4), 90.0), np.full((3, 4, 4), 10.0)
+    in_phase, opposed = water + fat, np.abs(water - fat)
+    in_phase[0, 0, 0] = opposed[0, 0, 0] = 0.0  # background
+    ff = dixon_fat_fraction(Volume(in_phase, geometry), Volume(opposed, geometry))
+    assert np.isnan(ff.array[0, 0, 0])
+    np.testing.assert_allclose(ff.array[1:], 10.0, rtol=1e-5)
+    other = Geometry((2, 1, 1), (0, 0, 0), geometry.direction)
+    with pytest.raises(FatFractionError, match="same grid"):
+        dixon_fat_fraction(Volume(in_phase, geometry), Volume(opposed, other))
