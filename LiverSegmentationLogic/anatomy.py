@@ -4,8 +4,16 @@ ANATOMICAL_STRUCTURE = ["SCT", "123037004", "Anatomical Structure"]
 
 STRUCTURES = {
     "liver": {"color": [0.866667, 0.509804, 0.396078], "code": ["SCT", "10200004", "Liver"]},
-    "right kidney": {"color": [0.72549, 0.4, 0.32549], "code": ["SCT", "64033007", "Kidney"], "modifier": ["SCT", "24028007", "Right"]},
-    "left kidney": {"color": [0.72549, 0.4, 0.32549], "code": ["SCT", "64033007", "Kidney"], "modifier": ["SCT", "7771000", "Left"]},
+    "right kidney": {
+        "color": [0.72549, 0.4, 0.32549],
+        "code": ["SCT", "64033007", "Kidney"],
+        "modifier": ["SCT", "24028007", "Right"],
+    },
+    "left kidney": {
+        "color": [0.72549, 0.4, 0.32549],
+        "code": ["SCT", "64033007", "Kidney"],
+        "modifier": ["SCT", "7771000", "Left"],
+    },
     "spleen": {"color": [0.615686, 0.423529, 0.635294], "code": ["SCT", "78961009", "Spleen"]},
     "lesion": {"color": [0.564706, 0.933333, 0.564706], "code": ["SCT", "52988006", "Lesion"]},
 }

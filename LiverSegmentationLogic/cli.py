@@ -17,7 +17,7 @@ class _ProgressBar:
     """A tqdm bar on stderr driven by the core's progress(done, total, stage) callback."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled and sys.stderr.isatty() or enabled == "always"
+        self.enabled = enabled and sys.stderr.isatty()
         self.bar = None
 
     def __call__(self, done: int, total: int, stage: str):
@@ -52,12 +52,14 @@ def cmd_segment(args) -> int:
 
     volume = read_volume(args.input)
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
-    segmenter = _load_segmenter(args)
     progress = _ProgressBar(not args.quiet)
+    options = dict(margin_mm=args.margin_mm, ff_unit=args.ff_unit, progress=progress)
     try:
-        result, readout = segment_case(
-            segmenter, volume, ff_map, margin_mm=args.margin_mm, ff_unit=args.ff_unit, progress=progress
-        )
+        if args.server:
+            with _client(args) as client:
+                result, readout = client.segment(volume, ff_map, **options)
+        else:
+            result, readout = segment_case(_load_segmenter(args), volume, ff_map, **options)
     finally:
         progress.close()
     written = write_segmentation(args.output, result)
@@ -68,6 +70,49 @@ def cmd_segment(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(readout, indent=2) + "\n")
         print(f"readout written to {args.json}")
+    return 0
+
+
+def _client(args):
+    from .client import InferenceClient
+
+    curve = {}
+    if args.curve_server_key:
+        import zmq.auth
+
+        curve = dict(
+            curve_server_key=zmq.auth.load_certificate(args.curve_server_key)[0],
+            curve_client_cert=args.curve_client_cert,
+        )
+    return InferenceClient(args.server, connect_timeout_s=args.timeout, **curve)
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from .server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(
+        bind=args.bind,
+        workers=args.workers,
+        model=args.model,
+        device=args.device,
+        backend=args.backend,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        curve_secret_file=args.curve_secret,
+        curve_clients_dir=args.curve_clients,
+    )
+    return 0
+
+
+def cmd_keys(args) -> int:
+    import zmq.auth
+
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), args.name)
+    print(f"public key (share it): {public}\nsecret key (keep it private): {secret}")
     return 0
 
 
@@ -95,12 +140,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .imageio import read_volume
+    from .imageio import Volume, read_volume
     from .metrics import dice
     from .pipeline import format_readout, segment_case, write_segmentation
     from .qa import overlay_mosaic
     from .readouts import dixon_fat_fraction
-    from .imageio import Volume
     from .sample import SAMPLE_NAME, sample_paths
 
     image_path, label_path = sample_paths()
@@ -128,7 +172,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liverseg", description="Liver segmentation, volume and fat-fraction readouts.")
+    parser = argparse.ArgumentParser(
+        prog="liverseg", description="Liver segmentation, volume and fat-fraction readouts."
+    )
     parser.add_argument("--version", action="version", version=f"liverseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -146,8 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ff-unit", choices=["auto", "percent", "fraction"], default="auto")
     p.add_argument("--png", help="write a QA mosaic PNG here")
     p.add_argument("--json", help="write the readouts as JSON here")
+    p.add_argument("--server", help="run on a remote inference server, e.g. tcp://gpu-host:5555")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
+    p.add_argument("--curve-server-key", help="the server's public certificate (CurveZMQ)")
+    p.add_argument("--curve-client-cert", help="this client's secret certificate (CurveZMQ)")
     model_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("serve", help="run the ZeroMQ inference server")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="client address (loopback by default)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--backend", help="address workers connect to (default: a random loopback port)")
+    p.add_argument("--max-message-mb", type=float, default=1024, help="larger requests are refused")
+    p.add_argument("--curve-secret", help="server secret certificate (from 'liverseg keys'): enables CurveZMQ")
+    p.add_argument("--curve-clients", help="folder of allowed client public certificates")
+    p.add_argument("--model", default=None, help="model name, folder or model_card.json")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="make a CurveZMQ key pair (NAME.key and NAME.key_secret)")
+    p.add_argument("folder")
+    p.add_argument("--name", default="server")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("evaluate", help="compare a segmentation with a reference")
     p.add_argument("prediction")

@@ -27,3 +27,32 @@ class FatFractionError(LiverSegError, ValueError):
 
 class CancelledError(LiverSegError):
     """Long work stopped because the caller asked it to."""
+
+
+class ProtocolError(LiverSegError):
+    """A remote message is malformed (frames, JSON, dtype, shape, size)."""
+
+    def __init__(self, message: str, request_id=None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class RemoteError(LiverSegError):
+    """The inference server answered with an error; ``kind`` names the server-side error type."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"server error ({kind}): {message}")
+        self.kind = kind
+        self.message = message
+
+
+class ServerUnreachableError(LiverSegError):
+    """No answer from the inference server within the timeout, after the retries."""
+
+
+class ServerTimeoutError(ServerUnreachableError):
+    """The server accepted a request and then stopped answering."""
+
+
+class ProtocolVersionError(LiverSegError):
+    """Client and server speak protocol versions that do not overlap."""

@@ -73,13 +73,10 @@ class Segmenter:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.channels_last = True if channels_last is None else channels_last
-        self.network = model.network.to(self.device).eval()
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.network = model.network.to(self.device, memory_format=memory_format).eval()
         self.config = model.preprocess
-        self.rules = {
-            int(c["label"]): c.get("postprocessing", {}) for c in model.classes
-        }
+        self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes}
 
     def segment(
         self,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .models import resources_dir
 
-SAMPLE_NAME = "chaos-mr-t2-patient15"
+SAMPLE_NAME = "chaos-mr-t2-patient21"
 
 
 def sample_paths() -> tuple[Path, Path]:

@@ -57,8 +57,15 @@ def test_seg_nrrd_has_named_segments(tmp_path):
     labels[1:3, 2:4, 3:6] = 1
     labels[4, 0, 0] = 2
     segments = [
-        {"label": 1, "name": "liver", "color": [0.87, 0.51, 0.4],
-         "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}},
+        {
+            "label": 1,
+            "name": "liver",
+            "color": [0.87, 0.51, 0.4],
+            "terminology": {
+                "category": ["SCT", "123037004", "Anatomical Structure"],
+                "type": ["SCT", "10200004", "Liver"],
+            },
+        },
         {"label": 2, "name": "spleen", "color": [0.6, 0.4, 0.6]},
     ]
     path = write_seg_nrrd(tmp_path / "case.seg.nrrd", labels, OBLIQUE, segments)

@@ -109,4 +109,5 @@ def test_padding_for_odd_sizes():
     prepared = prepare_volume(image, geometry, PreprocessConfig(spacing_xy=(1.0, 1.0)))
     assert prepared.image.shape == (3, 48, 64)
     logits = torch.from_numpy(prepared.image[:, None])
-    np.testing.assert_allclose(prepared.to_input_grid(logits)[:, 0].numpy(), normalise_intensity(image, PreprocessConfig().intensity))
+    expected = normalise_intensity(image, PreprocessConfig().intensity)
+    np.testing.assert_allclose(prepared.to_input_grid(logits)[:, 0].numpy(), expected)

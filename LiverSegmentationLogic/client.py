@@ -1,0 +1,215 @@
+"""Client of the inference server: the same segment/readout result as local inference.
+
+Uses a DEALER socket and request ids: progress events stream in while a job runs, and a request
+with no answer is retried on a fresh socket (the Lazy Pirate pattern) before the server is
+declared unreachable.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable, Optional
+
+import numpy as np
+import zmq
+import zmq.auth
+
+from .errors import (
+    CancelledError,
+    ProtocolVersionError,
+    RemoteError,
+    ServerTimeoutError,
+    ServerUnreachableError,
+)
+from .imageio import Volume
+from .inference import ProgressCallback, SegmentationResult
+from .protocol import PROTOCOL_VERSION, decode_array, encode_array, pack, unpack
+
+
+class InferenceClient:
+    """Talk to a ``liverseg serve`` server.
+
+    Args:
+        address: e.g. ``tcp://127.0.0.1:5555``.
+        connect_timeout_s: how long to wait for the first answer to a request before retrying.
+        idle_timeout_s: how long a running request may stay silent (the server sends progress
+            events and queue heartbeats, so silence means it is gone).
+        retries: extra tries on a fresh socket when the first answer does not come.
+        compression: image buffer compression, ``"none"`` or ``"zlib"``.
+        curve_server_key / curve_client_cert: the server's public key and this client's secret
+            certificate file, to talk to a CurveZMQ-secured server.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        connect_timeout_s: float = 5.0,
+        idle_timeout_s: float = 60.0,
+        retries: int = 1,
+        compression: str = "none",
+        curve_server_key: Optional[bytes] = None,
+        curve_client_cert: Optional[str] = None,
+    ):
+        self.address = address
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.retries = retries
+        self.compression = compression
+        self.curve = None
+        if curve_client_cert:
+            public, secret = zmq.auth.load_certificate(curve_client_cert)
+            if secret is None or curve_server_key is None:
+                raise ValueError("CurveZMQ needs this client's secret certificate and the server's public key")
+            self.curve = (public, secret, curve_server_key)
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+
+    # ------------------------------------------------------------------ socket
+    def _new_socket(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if self.curve:
+            self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = self.curve
+        self.sock.connect(self.address)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def request(
+        self,
+        op: str,
+        arrays=(),
+        options: Optional[dict] = None,
+        progress: Optional[Callable[[dict], None]] = None,
+        cancel=None,
+        extra: Optional[dict] = None,
+    ) -> tuple[dict, list]:
+        """Send one request and wait for its final reply; returns (header, buffers).
+
+        Raises:
+            ServerUnreachableError: no answer at all after the retries.
+            ServerTimeoutError: the server answered, then went silent.
+            RemoteError / ProtocolVersionError: the server replied with an error.
+            CancelledError: the request was cancelled.
+        """
+        request_id = uuid.uuid4().hex
+        descs, buffers = zip(*arrays, strict=True) if arrays else ((), ())
+        header = {"protocol": PROTOCOL_VERSION, "op": op, "id": request_id, "arrays": list(descs),
+                  "options": options or {}, **(extra or {})}
+        frames = pack(header, buffers)
+        is_cancelled = (cancel.is_set if hasattr(cancel, "is_set") else cancel) if cancel else (lambda: False)
+        for attempt in range(self.retries + 1):
+            if self.sock is None or attempt > 0:
+                self._new_socket()
+            self.sock.send_multipart(frames, copy=False)
+            heard = False
+            cancel_sent = False
+            deadline = time.monotonic() + self.connect_timeout_s
+            while True:
+                if not cancel_sent and is_cancelled():
+                    self._send_cancel(request_id)
+                    cancel_sent = True
+                    deadline = time.monotonic() + self.connect_timeout_s
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if not self.sock.poll(min(remaining, 0.1) * 1000):
+                    continue
+                reply_header, reply_buffers = unpack(self.sock.recv_multipart())
+                if reply_header.get("id") != request_id and not (
+                    reply_header.get("id") is None and reply_header.get("status") == "error"
+                ):
+                    continue  # a late answer to an earlier, abandoned request
+                heard = True
+                deadline = time.monotonic() + self.idle_timeout_s
+                status = reply_header.get("status")
+                if status == "event":
+                    if progress is not None:
+                        progress(reply_header)
+                    continue
+                if status == "ok":
+                    return reply_header, reply_buffers
+                if status == "cancelled":
+                    raise CancelledError(reply_header.get("message", "cancelled"))
+                error = reply_header.get("error") or {}
+                kind, message = error.get("type", "Error"), error.get("message", "unknown error")
+                if kind == "ProtocolVersionError":
+                    raise ProtocolVersionError(message)
+                raise RemoteError(kind, message)
+            self._new_socket()  # a socket with a request in flight cannot be reused (Lazy Pirate)
+            if heard:
+                raise ServerTimeoutError(
+                    f"inference server at {self.address} stopped answering for {self.idle_timeout_s:g}s"
+                )
+        raise ServerUnreachableError(
+            f"inference server unreachable at {self.address} "
+            f"(no answer in {self.connect_timeout_s:g}s, {self.retries + 1} tries)"
+        )
+
+    def _send_cancel(self, target: str):
+        header = {"protocol": PROTOCOL_VERSION, "op": "cancel", "id": uuid.uuid4().hex, "target": target}
+        self.sock.send_multipart(pack(header))
+
+    def info(self) -> dict:
+        """The server's versions, protocols, capabilities, model and devices."""
+        header, _ = self.request("info")
+        info = header["info"]
+        if PROTOCOL_VERSION not in info.get("protocols", []):
+            raise ProtocolVersionError(
+                f"server speaks protocol {info.get('protocols')}, this client {PROTOCOL_VERSION}: "
+                "upgrade the extension or the server so they match"
+            )
+        return info
+
+    def segment(
+        self,
+        volume: Volume,
+        ff_map: Optional[Volume] = None,
+        margin_mm: float = 3.0,
+        ff_unit: str = "auto",
+        progress: Optional[ProgressCallback] = None,
+        cancel=None,
+    ) -> tuple[SegmentationResult, dict]:
+        """Remote :func:`pipeline.segment_case`: same result, same progress callback."""
+        arrays = [encode_array("image", _sendable(volume.array), volume.geometry, self.compression)]
+        if ff_map is not None:
+            arrays.append(encode_array("ff_map", _sendable(ff_map.array), ff_map.geometry, self.compression))
+
+        def on_event(event):
+            if progress is not None and event.get("event") == "progress":
+                progress(event["done"], event["total"], event["stage"])
+
+        t0 = time.perf_counter()
+        header, buffers = self.request(
+            "segment", arrays, {"margin_mm": margin_mm, "ff_unit": ff_unit}, progress=on_event, cancel=cancel
+        )
+        labels, geometry = decode_array(header["arrays"][0], buffers[0])
+        readout = header["readout"]
+        readout["timings"]["client_total"] = time.perf_counter() - t0
+        result = SegmentationResult(
+            labels=labels, geometry=geometry, classes=header["classes"], model=readout["model"],
+            timings=readout["timings"],
+        )
+        return result, readout
+
+
+def _sendable(array: np.ndarray) -> np.ndarray:
+    """Send images as float32 or their own integer type: the model reads float32 anyway
+    (see preprocessing.normalise_intensity), so float64 would only double the bytes."""
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype.name in ("uint8", "int8", "uint16", "int16"):
+        return array
+    return array.astype(np.float32)

@@ -1,0 +1,105 @@
+"""The shipped default model through the full pipeline, on real volumes."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from LiverSegmentationLogic.errors import CancelledError, InvalidImageError
+from LiverSegmentationLogic.imageio import Geometry, Volume, read_volume
+from LiverSegmentationLogic.inference import resolve_device
+from LiverSegmentationLogic.metrics import dice
+from LiverSegmentationLogic.pipeline import segment_case
+
+
+def test_default_model_card_is_complete(default_model):
+    card = default_model.card
+    for key in ("task", "modality", "classes", "preprocessing", "training", "validation", "version", "sha256"):
+        assert key in card
+    assert card["training"]["split"] == "patient-wise"
+    assert not set(card["training"]["train_patients"]) & set(card["training"]["validation_patients"])
+    assert card["validation"]["mean_dice"]["liver"] >= 0.9
+    weights = default_model.folder / card["weights"]
+    assert weights.stat().st_size <= 10 * 1024 * 1024
+
+
+def test_sample_segmentation_on_input_grid(sample_case, sample_result):
+    image, reference = sample_case
+    assert sample_result.labels.shape == image.array.shape
+    assert sample_result.labels.dtype == np.uint8
+    assert sample_result.geometry == image.geometry
+    assert set(np.unique(sample_result.labels)) == {0, 1}
+    assert dice(sample_result.labels == 1, reference == 1) >= 0.9
+
+
+def test_postprocessing_leaves_one_liver_component(sample_result):
+    from scipy import ndimage
+
+    _, n = ndimage.label(sample_result.labels == 1, structure=np.ones((3, 3, 3)))
+    assert n == 1
+
+
+def test_storage_orientation_does_not_change_the_result(segmenter, sample_case, sample_result):
+    """The same scan stored with its axes permuted and flipped (geometry adjusted so the physical
+    content is identical) must give the same segmentation, in its own storage order."""
+    image, _ = sample_case
+    # stored[k, j, i] = original[k, i, ::-1 j]: index axes swapped, one flipped
+    arr = np.ascontiguousarray(np.flip(np.transpose(image.array, (0, 2, 1)), axis=2))
+    d = image.geometry.direction_matrix
+    ni = image.array.shape[1]
+    new_dir = np.stack([-d[:, 1], d[:, 0], d[:, 2]], axis=1)  # new i = old -j, new j = old i
+    sp = image.geometry.spacing
+    origin = np.array(image.geometry.origin) + d[:, 1] * sp[1] * (ni - 1)
+    moved = Volume(arr, Geometry((sp[1], sp[0], sp[2]), tuple(origin), tuple(new_dir.ravel())))
+    labels = segmenter.segment(moved).labels
+    expected = np.flip(np.transpose(sample_result.labels, (0, 2, 1)), axis=2)
+    assert dice(labels == 1, expected == 1) > 0.995
+
+
+def test_progress_is_reported_in_order_and_cancel_stops(segmenter, sample_case):
+    image, _ = sample_case
+    calls = []
+    segmenter.segment(image, progress=lambda done, total, stage: calls.append((done, total, stage)))
+    dones = [c[0] for c in calls]
+    assert dones == sorted(dones) and dones[-1] == calls[-1][1] == image.array.shape[0]
+    assert {c[2] for c in calls} == {"inference"}
+
+    cancel = threading.Event()
+
+    def cancel_after_first(done, total, stage):
+        cancel.set()
+
+    with pytest.raises(CancelledError, match="cancelled after"):
+        segmenter.segment(image, progress=cancel_after_first, cancel=cancel)
+
+
+def test_readouts_through_the_pipeline(segmenter, sample_case):
+    image, reference = sample_case
+    ff_map = Volume(np.where(reference == 1, 12.0, 80.0).astype(np.float32), image.geometry)
+    result, readout = segment_case(segmenter, image, ff_map, margin_mm=3.0)
+    expected_ml = np.count_nonzero(result.labels == 1) * np.prod(image.geometry.spacing) / 1000
+    assert readout["volumes_ml"]["liver"] == pytest.approx(expected_ml)
+    assert readout["fat_fraction"]["median"] == pytest.approx(12.0)
+    assert readout["fat_fraction"]["steatosis"] is True
+    assert set(readout["timings"]) == {"preprocess", "inference", "postprocess", "readout"}
+
+
+@pytest.mark.parametrize("n", [2, 32])
+def test_other_real_patients(segmenter, chaos_mr, n):
+    image = read_volume(chaos_mr / f"image_{n}.nii.gz")
+    labels = segmenter.segment(image).labels
+    assert labels.shape == image.array.shape
+    assert (labels == 1).sum() > 0
+
+
+def test_bad_input_and_device(segmenter):
+    bad = Volume(np.full((4, 8, 8), np.nan, np.float32), Geometry.identity())
+    with pytest.raises(InvalidImageError):
+        segmenter.segment(bad)
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="CUDA"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        resolve_device("cuda")

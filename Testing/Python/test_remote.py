@@ -1,0 +1,278 @@
+"""A real inference server process on a random loopback port, spoken to over ZeroMQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from LiverSegmentationLogic.client import InferenceClient
+from LiverSegmentationLogic.errors import (
+    CancelledError,
+    ProtocolVersionError,
+    RemoteError,
+    ServerUnreachableError,
+)
+from LiverSegmentationLogic.imageio import Geometry, Volume
+from LiverSegmentationLogic.protocol import PROTOCOL_VERSION, encode_array, pack, unpack
+
+MAX_MB = 24  # the sample with a PDFF map is about 17 MB
+
+
+def start_server(*args, workers=2):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "LiverSegmentationLogic.cli", "serve", "--bind", "tcp://127.0.0.1:*",
+         "--workers", str(workers), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (tcp://\S+)", line)
+    assert match, line + proc.stdout.read()
+    # keep draining the log so the server never blocks on a full pipe
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc, match.group(1)
+
+
+def wait_ready(address, workers, timeout=120):
+    deadline = time.monotonic() + timeout
+    with InferenceClient(address, connect_timeout_s=2) as client:
+        while time.monotonic() < deadline:
+            info = client.info()
+            if info["workers"] >= workers:
+                return info
+            time.sleep(0.2)
+    raise TimeoutError(f"server at {address} did not get {workers} workers ready")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, address = start_server("--max-message-mb", MAX_MB, workers=2)
+    try:
+        wait_ready(address, 2)
+        yield address
+    finally:
+        assert stop(proc) == 0  # graceful shutdown on SIGTERM
+
+
+def raw_request(address, frames, timeout_ms=30000):
+    """Send frames on a bare DEALER and return the final reply header (skipping events)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        while True:
+            assert sock.poll(timeout_ms), "no reply from the server"
+            header, _ = unpack(sock.recv_multipart())
+            if header["status"] != "event":
+                return header
+    finally:
+        sock.close()
+
+
+def test_info_reports_versions_and_model(server):
+    info = InferenceClient(server).info()
+    assert info["protocol"] == PROTOCOL_VERSION and PROTOCOL_VERSION in info["protocols"]
+    assert info["models"]["name"] == "liver-mr-t2" and len(info["models"]["sha256"]) == 64
+    assert info["devices"] == ["cpu"] and info["workers"] == 2
+
+
+def test_remote_result_identical_to_local(server, segmenter, sample_case):
+    from LiverSegmentationLogic.pipeline import segment_case
+
+    image, reference = sample_case
+    ff_map = Volume(np.where(reference == 1, 4.0, 90.0).astype(np.float32), image.geometry)
+    local, local_readout = segment_case(segmenter, image, ff_map)
+    events = []
+    with InferenceClient(server) as client:
+        remote, readout = client.segment(image, ff_map, progress=lambda *e: events.append(e))
+    np.testing.assert_array_equal(remote.labels, local.labels)
+    assert remote.geometry.allclose(image.geometry, tol=1e-9)
+    assert readout["volumes_ml"] == local_readout["volumes_ml"]
+    assert readout["fat_fraction"]["median"] == pytest.approx(4.0)
+    dones = [e[0] for e in events]
+    assert dones == sorted(dones) and dones[-1] == image.array.shape[0]
+
+
+def _segment_frames(image: np.ndarray, dtype="float32", **overrides):
+    desc, buf = encode_array("image", image.astype(dtype), Geometry.identity())
+    header = {"protocol": PROTOCOL_VERSION, "op": "segment", "id": "r1", "arrays": [desc], **overrides}
+    return header, [bytes(buf)]
+
+
+SMALL = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+
+
+def _malformed():
+    header, bufs = _segment_frames(SMALL)
+    cases = {
+        "bad JSON": [b"{not json"] + bufs,
+        "truncated frames": pack(header, []),
+        "extra frames": pack(header, bufs + [b"extra"]),
+        "unknown op": pack(dict(header, op="explode"), bufs),
+        "wrong dtype": pack(dict(header, arrays=[dict(header["arrays"][0], dtype="complex128")]), bufs),
+        "shape mismatch": pack(dict(header, arrays=[dict(header["arrays"][0], shape=[3, 32, 31])]), bufs),
+        "oversized": pack(dict(header, arrays=[dict(header["arrays"][0], shape=[8, 1024, 1024])]),
+                          [bytes(8 * 1024 * 1024 * 4)]),
+        "missing image": pack(dict(header, arrays=[dict(header["arrays"][0], name="other")]), bufs),
+        "bad geometry": pack(dict(header, arrays=[dict(header["arrays"][0], geometry={"spacing": [1]})]), bufs),
+    }
+    nan = SMALL.copy()
+    nan[0, 0, 0] = np.nan
+    h, b = _segment_frames(nan)
+    cases["NaN voxels"] = pack(h, b)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_malformed()))
+def test_malformed_requests_get_error_replies(server, case):
+    reply = raw_request(server, _malformed()[case])
+    assert reply["status"] == "error", reply
+    assert reply["error"]["type"] in ("ProtocolError", "InvalidImageError", "BadRequest")
+    assert reply["error"]["message"]
+    # and the server still serves
+    assert InferenceClient(server).info()["workers"] == 2
+
+
+def test_oversized_message_limit_is_named(server):
+    reply = raw_request(server, _malformed()["oversized"])
+    assert "exceeds the limit" in reply["error"]["message"]
+
+
+def test_model_error_is_a_reply(server):
+    """A volume too small for the network (fewer than 1 pixel after resampling) is still served."""
+    header, bufs = _segment_frames(np.random.rand(2, 1, 1).astype(np.float32) + np.arange(2)[:, None, None])
+    reply = raw_request(server, pack(header, bufs))
+    assert reply["status"] in ("ok", "error")
+    assert InferenceClient(server).info()["workers"] == 2
+
+
+def test_protocol_version_mismatch_is_refused_clearly(server):
+    header, bufs = _segment_frames(SMALL, protocol=99)
+    reply = raw_request(server, pack(header, bufs))
+    assert reply["error"]["type"] == "ProtocolVersionError"
+    assert "upgrade the extension or the server" in reply["error"]["message"]
+    client = InferenceClient(server)
+    with pytest.raises(ProtocolVersionError, match="upgrade"):
+        client.request("info", extra={"protocol": 99})
+
+
+def test_dead_server_fails_fast():
+    with zmq.Context.instance().socket(zmq.ROUTER) as probe:  # find a port nobody listens on
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+    client = InferenceClient(f"tcp://127.0.0.1:{port}", connect_timeout_s=0.5, retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachableError, match=f"unreachable at tcp://127.0.0.1:{port}"):
+        client.info()
+    assert time.monotonic() - t0 < 5
+
+
+def test_four_concurrent_clients(server, sample_result, sample_case):
+    image, _ = sample_case
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            with InferenceClient(server, idle_timeout_s=120) as client:
+                results[i] = client.segment(image)[0].labels
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    for labels in results:
+        np.testing.assert_array_equal(labels, sample_result.labels)
+
+
+def test_cancel_returns_promptly(server, sample_case):
+    image, _ = sample_case
+    cancel = threading.Event()
+    with InferenceClient(server) as client:
+        t0 = time.monotonic()
+        with pytest.raises(CancelledError):
+            client.segment(image, progress=lambda *e: cancel.set(), cancel=cancel)
+        assert time.monotonic() - t0 < 10
+    assert InferenceClient(server).info()["busy"] == 0
+
+
+def test_killed_worker_is_reported_and_replaced(server, sample_case):
+    image, _ = sample_case
+    before = InferenceClient(server).info()["worker_list"]
+    outcome = {}
+    started = threading.Event()
+
+    def work():
+        try:
+            with InferenceClient(server) as client:
+                client.segment(image, progress=lambda *e: started.set())
+        except RemoteError as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    assert started.wait(60)
+    busy = [w for w in InferenceClient(server).info()["worker_list"] if w["busy"]]
+    assert len(busy) == 1
+    os.kill(busy[0]["pid"], signal.SIGKILL)
+    t.join(60)
+    assert outcome["error"].kind == "WorkerDiedError"
+    info = wait_ready(server, 2)
+    pids = {w["pid"] for w in info["worker_list"]}
+    assert busy[0]["pid"] not in pids and len(pids) == 2 and pids != {w["pid"] for w in before}
+
+
+def test_curve_refuses_clients_without_the_right_key(tmp_path):
+    import zmq.auth
+
+    server_pub, server_secret = zmq.auth.create_certificates(str(tmp_path), "server")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    good_pub, good_secret = zmq.auth.create_certificates(str(allowed), "operator")
+    other = tmp_path / "other"
+    other.mkdir()
+    _, bad_secret = zmq.auth.create_certificates(str(other), "intruder")
+    proc, address = start_server("--curve-secret", server_secret, "--curve-clients", allowed, workers=0)
+    try:
+        server_key = zmq.auth.load_certificate(server_pub)[0]
+        good = InferenceClient(address, curve_server_key=server_key, curve_client_cert=good_secret)
+        assert good.info()["server_version"]
+        bad = InferenceClient(address, connect_timeout_s=1, retries=0, curve_server_key=server_key,
+                              curve_client_cert=bad_secret)
+        with pytest.raises(ServerUnreachableError):
+            bad.info()
+        plain = InferenceClient(address, connect_timeout_s=1, retries=0)
+        with pytest.raises(ServerUnreachableError):
+            plain.info()
+    finally:
+        stop(proc)
+
+
+def test_keys_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "LiverSegmentationLogic.cli", "keys", str(tmp_path), "--name", "srv"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0
+    assert (tmp_path / "srv.key").exists() and (tmp_path / "srv.key_secret").exists()
+    assert json.dumps(r.stdout)
