@@ -181,8 +181,12 @@ class InferenceClient:
         ff_unit: str = "auto",
         progress: Optional[ProgressCallback] = None,
         cancel=None,
+        label_compression: str = "zlib",
     ) -> tuple[SegmentationResult, dict]:
-        """Remote :func:`pipeline.segment_case`: same result, same progress callback."""
+        """Remote :func:`pipeline.segment_case`: same result, same progress callback.
+
+        ``label_compression`` is how the server sends the labelmap back (zlib shrinks a labelmap
+        about 50-fold for a few milliseconds; see benchmarks/bench_remote.py)."""
         arrays = [encode_array("image", _sendable(volume.array), volume.geometry, self.compression)]
         if ff_map is not None:
             arrays.append(encode_array("ff_map", _sendable(ff_map.array), ff_map.geometry, self.compression))
@@ -193,7 +197,11 @@ class InferenceClient:
 
         t0 = time.perf_counter()
         header, buffers = self.request(
-            "segment", arrays, {"margin_mm": margin_mm, "ff_unit": ff_unit}, progress=on_event, cancel=cancel
+            "segment",
+            arrays,
+            {"margin_mm": margin_mm, "ff_unit": ff_unit, "label_compression": label_compression},
+            progress=on_event,
+            cancel=cancel,
         )
         labels, geometry = decode_array(header["arrays"][0], buffers[0])
         readout = header["readout"]

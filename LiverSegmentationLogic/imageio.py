@@ -195,7 +195,7 @@ def _seg_nrrd_header(shape, geometry: Geometry, segments: Sequence[dict], labels
         tags = "Segmentation.Status:inprogress|"
         term = seg.get("terminology")
         if term:
-            tags += "TerminologyEntry:" + _terminology_string(term) + "|"
+            tags += "TerminologyEntry:" + terminology_string(term) + "|"
         prefix = f"Segment{n}_"
         header.update(
             {
@@ -213,7 +213,7 @@ def _seg_nrrd_header(shape, geometry: Geometry, segments: Sequence[dict], labels
     return header
 
 
-def _terminology_string(term: dict) -> str:
+def terminology_string(term: dict) -> str:
     """Slicer's terminology entry string: context~category~type~modifier~anatomic context..."""
 
     def code(triplet):

@@ -1,0 +1,1 @@
+"""Slicer-side helpers of the LiverSegmentation module (no Qt)."""

@@ -1,0 +1,218 @@
+"""The MRML bridge: the only code that touches Slicer nodes. Uses ``slicer`` and ``slicer.util``
+only (no Qt), so it runs headless on the PyPI package slicer-core.
+
+Slicer stores geometry in RAS; the core works in LPS (ITK/DICOM). Conversions flip x and y.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Optional, Sequence
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+
+from LiverSegmentationLogic.imageio import Geometry, Volume, terminology_string
+from LiverSegmentationLogic.readouts import fat_fraction_readout, label_volume_ml
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- volumes
+def geometry_from_volume_node(node) -> Geometry:
+    """A volume node's grid as a core :class:`Geometry` (LPS)."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    m = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+    spacing = np.array(node.GetSpacing(), dtype=float)
+    direction_ras = m[:3, :3] / spacing  # columns: unit directions of i, j, k
+    direction = LPS_FROM_RAS @ direction_ras
+    origin = LPS_FROM_RAS @ m[:3, 3]
+    return Geometry(tuple(spacing), tuple(origin), tuple(direction.ravel()))
+
+
+def ijk_to_ras_from_geometry(geometry: Geometry) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = LPS_FROM_RAS @ geometry.direction_matrix @ np.diag(geometry.spacing)
+    m[:3, 3] = LPS_FROM_RAS @ np.asarray(geometry.origin)
+    return m
+
+
+def volume_from_node(node) -> Volume:
+    """Voxels (a copy, (k, j, i) order) and geometry of a scalar volume node."""
+    return Volume(np.array(slicer.util.arrayFromVolume(node)), geometry_from_volume_node(node))
+
+
+def add_volume_node(volume: Volume, name: str, labelmap: bool = False):
+    """A new volume (or labelmap volume) node holding ``volume``."""
+    class_name = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    return slicer.util.addVolumeFromArray(
+        np.ascontiguousarray(volume.array), ijkToRAS=ijk_to_ras_from_geometry(volume.geometry),
+        name=name, nodeClassName=class_name,
+    )
+
+
+# ----------------------------------------------------------------------------- segmentations
+def segmentation_from_labels(
+    labels: np.ndarray,
+    geometry: Geometry,
+    classes: Sequence[dict],
+    reference_volume_node,
+    name: str = "Liver segmentation",
+    segmentation_node=None,
+):
+    """Fill a segmentation node (new or given; its old segments are removed) with one named,
+    coloured segment per class, with standard terminology, referencing the source volume's grid.
+
+    Args:
+        labels: (k, j, i) labelmap on ``geometry``.
+        classes: the model card's classes (label, name, color, terminology).
+    """
+    if segmentation_node is None:
+        segmentation_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    labelmap_node = add_volume_node(Volume(labels.astype(np.uint8), geometry), "__labels__", labelmap=True)
+    try:
+        for cls in classes:
+            segment_id = segmentation.AddEmptySegment(cls["name"], cls["name"], list(cls["color"]))
+            mask = (labels == cls["label"]).astype(np.uint8)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation_node, segment_id, labelmap_node)
+            if cls.get("terminology"):
+                segmentation.GetSegment(segment_id).SetTag("TerminologyEntry", terminology_string(cls["terminology"]))
+    finally:
+        _remove_node(labelmap_node)
+    return segmentation_node
+
+
+def labels_from_segmentation(segmentation_node, reference_volume_node, classes: Sequence[dict]) -> np.ndarray:
+    """The (possibly edited) segmentation as a labelmap on the source volume's grid.
+
+    Segments are matched to classes by name. Every segment is exported into one labelmap in which
+    segment n gets value n + 1; voxels are then mapped to class labels by that value (shared
+    internal labelmaps hold several values, so a value test, not ``> 0``, is what counts).
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    ids, labels_for_value = vtk.vtkStringArray(), {}
+    for cls in classes:
+        segment_id = segmentation.GetSegmentIdBySegmentName(cls["name"])
+        if segment_id:
+            ids.InsertNextValue(segment_id)
+            labels_for_value[ids.GetNumberOfValues()] = cls["label"]
+    shape = slicer.util.arrayFromVolume(reference_volume_node).shape
+    out = np.zeros(shape, dtype=np.uint8)
+    if ids.GetNumberOfValues() == 0:
+        return out
+    labelmap_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
+    try:
+        logic = slicer.modules.segmentations.logic()
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap_node, reference_volume_node):
+            raise RuntimeError("Exporting the segmentation to a labelmap failed")
+        exported = slicer.util.arrayFromVolume(labelmap_node)
+        for value, label in labels_for_value.items():
+            out[exported == value] = label
+    finally:
+        _remove_node(labelmap_node)
+    return out
+
+
+def _remove_node(node):
+    display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
+    if display is not None and display.GetColorNode() is not None and display.GetColorNode().GetName().startswith("__"):
+        slicer.mrmlScene.RemoveNode(display.GetColorNode())
+    slicer.mrmlScene.RemoveNode(node)
+
+
+# ----------------------------------------------------------------------------- readouts
+def readouts_from_segmentation(
+    segmentation_node,
+    reference_volume_node,
+    classes: Sequence[dict],
+    ff_volume_node=None,
+    margin_mm: float = 3.0,
+    ff_unit: str = "auto",
+) -> dict:
+    """Volumes (mL) per class and the liver PDFF of the *current* segmentation (edits included)."""
+    labels = labels_from_segmentation(segmentation_node, reference_volume_node, classes)
+    geometry = geometry_from_volume_node(reference_volume_node)
+    readout = {"volumes_ml": {c["name"]: label_volume_ml(labels, geometry, c["label"]) for c in classes},
+               "fat_fraction": None}
+    liver = next((c for c in classes if c["name"] == "liver"), None)
+    if ff_volume_node is not None and liver is not None:
+        readout["fat_fraction"] = fat_fraction_readout(
+            Volume(labels == liver["label"], geometry), volume_from_node(ff_volume_node), margin_mm, ff_unit
+        )
+    return readout
+
+
+def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
+    """Write a readout into a table node (Measurement, Value, Unit); returns the node."""
+    if table_node is None:
+        table_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "Liver readouts")
+    table = table_node.GetTable()
+    table.Initialize()
+    columns = [vtk.vtkStringArray() for _ in range(3)]
+    for column, title in zip(columns, ("Measurement", "Value", "Unit"), strict=True):
+        column.SetName(title)
+        table.AddColumn(column)
+    rows = [(f"{name} volume", f"{ml:.2f}", "mL") for name, ml in readout["volumes_ml"].items()]
+    ff = readout.get("fat_fraction")
+    if ff:
+        rows += [
+            ("liver PDFF median", f"{ff['median']:.2f}", "%"),
+            ("liver PDFF mean", f"{ff['mean']:.2f}", "%"),
+            ("liver PDFF IQR", f"{ff['iqr']:.2f}", "%"),
+            ("PDFF voxels", str(ff["n_voxels"]), "voxels"),
+            ("steatosis (PDFF > 5.56 %)", "yes" if ff["steatosis"] else "no", ""),
+        ]
+    if model:
+        rows.append(("model", f"{model['name']} {model['version']}", ""))
+    rows.append(("computed", datetime.datetime.now().isoformat(timespec="seconds"), ""))
+    for row in rows:
+        index = table.InsertNextBlankRow()
+        for column, value in enumerate(row):
+            table.SetValue(index, column, vtk.vtkVariant(value))
+    table_node.Modified()
+    return table_node
+
+
+# ----------------------------------------------------------------------------- export
+def export_case_to_queue(
+    queue_folder,
+    volume_node,
+    segmentation_node,
+    classes: Sequence[dict],
+    suggestion: Optional[np.ndarray] = None,
+    meta: Optional[dict] = None,
+    on_duplicate: str = "replace",
+) -> dict:
+    """Queue the reviewed case for fine-tuning: the source image, the corrected labelmap and
+    metadata, including the Dice between the model's suggestion and the correction (how much the
+    operator changed) and the source node names."""
+    from LiverSegmentationLogic.case_queue import CaseQueue
+    from LiverSegmentationLogic.metrics import dice
+
+    image = volume_from_node(volume_node)
+    corrected = labels_from_segmentation(segmentation_node, volume_node, classes)
+    record = {
+        "source_volume": volume_node.GetName(),
+        "source_segmentation": segmentation_node.GetName(),
+        **(meta or {}),
+    }
+    if suggestion is not None:
+        voxel_ml = image.geometry.voxel_volume_ml
+        record["suggestion_dice"] = {
+            c["name"]: dice(suggestion == c["label"], corrected == c["label"]) for c in classes
+        }
+        record["changed_volume_ml"] = {
+            c["name"]: float(np.count_nonzero(corrected == c["label"]) - np.count_nonzero(suggestion == c["label"]))
+            * voxel_ml
+            for c in classes
+        }
+    labels = {c["name"]: int(c["label"]) for c in classes}
+    queue = CaseQueue(queue_folder, labels=labels, modality=(meta or {}).get("modality", "MR"))
+    return queue.add(image, corrected, record, on_duplicate=on_duplicate)
