@@ -38,6 +38,16 @@ class _ProgressBar:
             self.bar = None
 
 
+class _ProgressLines:
+    """Machine-readable progress on stdout ("PROGRESS done total stage"), for a parent process."""
+
+    def __call__(self, done: int, total: int, stage: str):
+        print(f"PROGRESS {done} {total} {stage}", flush=True)
+
+    def close(self):
+        pass
+
+
 def _load_segmenter(args):
     from .inference import Segmenter
     from .models import load_model
@@ -52,7 +62,7 @@ def cmd_segment(args) -> int:
 
     volume = read_volume(args.input)
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
-    progress = _ProgressBar(not args.quiet)
+    progress = _ProgressLines() if args.progress_lines else _ProgressBar(not args.quiet)
     options = dict(margin_mm=args.margin_mm, ff_unit=args.ff_unit, progress=progress)
     try:
         if args.server:
@@ -196,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
     p.add_argument("--curve-server-key", help="the server's public certificate (CurveZMQ)")
     p.add_argument("--curve-client-cert", help="this client's secret certificate (CurveZMQ)")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total stage' lines")
     model_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -276,3 +276,26 @@ def test_keys_command(tmp_path):
     assert r.returncode == 0
     assert (tmp_path / "srv.key").exists() and (tmp_path / "srv.key_secret").exists()
     assert json.dumps(r.stdout)
+
+
+def test_remote_job_for_the_panel(server, sample_case, sample_result):
+    """The panel's remote backend: a thread job with progress events, polled without blocking."""
+    from LiverSegmentationLogic.jobs import CANCELLED, DONE, RemoteJob
+
+    image, _ = sample_case
+    job = RemoteJob(InferenceClient(server), image)
+    progress = []
+    deadline = time.monotonic() + 120
+    while not job.finished and time.monotonic() < deadline:
+        progress += [e for e in job.poll() if e[0] == "progress"]
+        time.sleep(0.05)
+    assert job.state == DONE, job.error
+    np.testing.assert_array_equal(job.labels, sample_result.labels)
+    assert progress and progress[-1][1] == image.array.shape[0]
+
+    job = RemoteJob(InferenceClient(server), image)
+    job.cancel()
+    while not job.finished and time.monotonic() < deadline + 60:
+        job.poll()
+        time.sleep(0.05)
+    assert job.state == CANCELLED

@@ -1,0 +1,92 @@
+"""Static checks of the Slicer module that need no Slicer: the .ui file, CMake lists, lint."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "LiverSegmentation"
+UI = MODULE / "Resources/UI/LiverSegmentation.ui"
+
+
+def _ui_names_used_by_panel() -> set[str]:
+    tree = ast.parse((MODULE / "LiverSegmentation.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        # self.ui.<name>
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def test_ui_loads_and_has_every_widget_the_panel_uses():
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtCore = pytest.importorskip("PySide6.QtCore", reason="PySide6 is not installed")
+    from PySide6.QtUiTools import QUiLoader
+    from PySide6.QtWidgets import QApplication, QWidget
+
+    app = QApplication.instance() or QApplication([])
+    loader = QUiLoader()
+    file = QtCore.QFile(str(UI))
+    assert file.open(QtCore.QFile.ReadOnly)
+    widget = loader.load(file)
+    file.close()
+    assert widget is not None, loader.errorString()
+    names = {w.objectName() for w in widget.findChildren(QWidget)}
+    used = _ui_names_used_by_panel()
+    assert used, "the panel uses no ui names?"
+    missing = used - names
+    assert not missing, f"the panel uses widgets missing from the .ui: {sorted(missing)}"
+    # parameter-node bindings point at real parameters of the wrapper class
+    params = set(re.findall(r"^    (\w+): ", (MODULE / "LiverSegmentation.py").read_text(), re.M))
+    slicer_names = re.findall(
+        r'<property name="SlicerParameterName">\s*<string>(\w+)</string>', UI.read_text())
+    assert slicer_names and set(slicer_names) <= params, set(slicer_names) - params
+    app.processEvents()
+
+
+def _cmake_listed() -> set[str]:
+    listed = set()
+    for cmake, base in ((REPO / "CMakeLists.txt", REPO), (MODULE / "CMakeLists.txt", MODULE)):
+        text = cmake.read_text().replace("${MODULE_NAME}", "LiverSegmentation")
+        for entry in re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, re.M):
+            listed.add(str((base / entry).relative_to(REPO)))
+    return listed
+
+
+def test_every_python_file_and_resource_is_listed_in_cmake():
+    listed = _cmake_listed()
+    shipped = [p for p in (REPO / "LiverSegmentationLogic").glob("*.py")]
+    shipped += [p for p in MODULE.rglob("*.py")]
+    shipped += [p for p in (MODULE / "Resources").rglob("*") if p.is_file()]
+    shipped += [p for p in (REPO / "Resources").rglob("*") if p.is_file()]
+    missing = sorted(str(p.relative_to(REPO)) for p in shipped if str(p.relative_to(REPO)) not in listed)
+    assert not missing, f"not listed in CMake (would silently not ship): {missing}"
+    absent = sorted(f for f in listed if not (REPO / f).exists())
+    assert not absent, f"listed in CMake but missing (stops configuration): {absent}"
+
+
+def test_panel_passes_lint_with_no_undefined_names():
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "E,F,W,B", str(MODULE)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bridge_and_core_import_no_qt():
+    for path in [*(REPO / "LiverSegmentationLogic").glob("*.py"), MODULE / "LiverSegmentationLib/mrml_bridge.py"]:
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"qt", "ctk", "PySide6", "PyQt5"}, path
+        if path.parent.name == "LiverSegmentationLogic":
+            assert "slicer" not in imported, path
