@@ -66,11 +66,20 @@ class CaseQueue:
                 },
                 dataset,
             )
-        self._clean_partials()
+        self._clean_up()
 
-    def _clean_partials(self):
+    def _clean_up(self):
+        """Remove what an interrupted export left: temporary files, and image/label files of a
+        case whose meta file (the commit point) was never written."""
         for path in self.folder.rglob(f"*{TMP_SUFFIX}*"):
             path.unlink(missing_ok=True)
+        committed = {p.stem for p in self.folder.glob("meta/*.json")}
+        for path in self.folder.glob("imagesTr/*_0000.nii.gz"):
+            if path.name[: -len("_0000.nii.gz")] not in committed:
+                path.unlink()
+        for path in self.folder.glob("labelsTr/*.nii.gz"):
+            if path.name[: -len(".nii.gz")] not in committed:
+                path.unlink()
 
     def paths(self, case_id: str) -> dict[str, Path]:
         return {

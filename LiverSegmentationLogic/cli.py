@@ -126,6 +126,32 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_queue(args) -> int:
+    from .case_queue import CaseQueue
+    from .errors import LiverSegError
+    from .imageio import read_volume
+
+    queue = CaseQueue(args.queue)
+    if args.action == "add":
+        image = read_volume(args.image)
+        label = np.rint(read_volume(args.label, validate=False).array).astype(np.uint8)
+        record = queue.add(image, label, {"study": args.study, "source": str(args.image), "operator": args.operator},
+                           on_duplicate=args.on_duplicate)
+        print(f"queued {record['case_id']}" + (" (replaced the earlier export)" if record["replaced"] else ""))
+    elif args.action == "list":
+        cases = queue.list()
+        for m in cases:
+            print(f"{m['case_id']:<24} {m.get('study') or '-':<16} {m['exported']}  {m.get('source', '')}")
+        print(f"{len(cases)} case(s) in {queue.folder}")
+    else:
+        try:
+            queue.remove(args.case)
+        except KeyError as exc:
+            raise LiverSegError(exc.args[0]) from exc
+        print(f"removed {args.case}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .errors import InvalidImageError
     from .imageio import read_volume
@@ -225,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--name", default="server")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("queue", help="the fine-tuning queue of corrected cases")
+    qsub = p.add_subparsers(dest="action", required=True)
+    q = qsub.add_parser("add", help="queue an image and its corrected label")
+    q.add_argument("image")
+    q.add_argument("label")
+    q.add_argument("--study", default=None, help="study / scanner tag")
+    q.add_argument("--operator", default=None)
+    q.add_argument("--on-duplicate", choices=["replace", "version"], default="replace")
+    qsub.add_parser("list", help="list queued cases")
+    q = qsub.add_parser("remove", help="remove a queued case")
+    q.add_argument("case")
+    for action in qsub.choices.values():
+        action.add_argument("--queue", default="liverseg-queue", help="queue folder (default ./liverseg-queue)")
+    p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("evaluate", help="compare a segmentation with a reference")
     p.add_argument("prediction")

@@ -105,12 +105,12 @@ def main():
         for n_clients in (1, 2, 4):
             per_client = max(1, args.requests // n_clients)
 
-            def work():
+            def work(count):
                 with InferenceClient(address, idle_timeout_s=300) as c:
-                    for _ in range(per_client):
+                    for _ in range(count):
                         c.segment(volume)
 
-            threads = [threading.Thread(target=work) for _ in range(n_clients)]
+            threads = [threading.Thread(target=work, args=(per_client,)) for _ in range(n_clients)]
             t0 = time.perf_counter()
             for t in threads:
                 t.start()

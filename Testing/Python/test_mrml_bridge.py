@@ -128,7 +128,8 @@ def test_readout_follows_an_edit(bridge, liver_segmentation, sample_result, defa
     assert after["volumes_ml"]["liver"] == pytest.approx(before - removed * voxel_ml)
     # with a PDFF map the fat fraction is read inside the edited mask
     image, reference = sample_case
-    ff_node = bridge.add_volume_node(Volume(np.where(reference == 1, 7.5, 85.0).astype(np.float32), image.geometry), "ff")
+    ff_map = Volume(np.where(reference == 1, 7.5, 85.0).astype(np.float32), image.geometry)
+    ff_node = bridge.add_volume_node(ff_map, "ff")
     after_ff = bridge.readouts_from_segmentation(seg_node, volume_node, classes, ff_volume_node=ff_node)
     assert after_ff["fat_fraction"]["median"] == pytest.approx(7.5)
     table = bridge.readout_table(after_ff, {"name": "liver-mr-t2", "version": "x"})

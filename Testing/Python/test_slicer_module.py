@@ -21,8 +21,13 @@ def _ui_names_used_by_panel() -> set[str]:
     names = set()
     for node in ast.walk(tree):
         # self.ui.<name>
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             names.add(node.attr)
     return names
 
