@@ -112,6 +112,7 @@ def cmd_serve(args) -> int:
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         curve_secret_file=args.curve_secret,
         curve_clients_dir=args.curve_clients,
+        client_timeout_s=args.client_timeout,
     )
     return 0
 
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=1024, help="larger requests are refused")
     p.add_argument("--curve-secret", help="server secret certificate (from 'liverseg keys'): enables CurveZMQ")
     p.add_argument("--curve-clients", help="folder of allowed client public certificates")
+    p.add_argument("--client-timeout", type=float, default=10.0,
+                   help="seconds without a client heartbeat before its request is abandoned")
     p.add_argument("--model", default=None, help="model name, folder or model_card.json")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)

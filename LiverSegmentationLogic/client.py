@@ -26,6 +26,8 @@ from .imageio import Volume
 from .inference import ProgressCallback, SegmentationResult
 from .protocol import PROTOCOL_VERSION, decode_array, encode_array, pack, unpack
 
+HEARTBEAT_S = 1.0  # well under the server's client timeout (10 s by default)
+
 
 class InferenceClient:
     """Talk to a ``liverseg serve`` server.
@@ -113,11 +115,16 @@ class InferenceClient:
         for attempt in range(self.retries + 1):
             if self.sock is None or attempt > 0:
                 self._new_socket()
-            self.sock.send_multipart(frames, copy=False)
+            self._send(frames)
             heard = False
             cancel_sent = False
             deadline = time.monotonic() + self.connect_timeout_s
+            next_heartbeat = time.monotonic() + HEARTBEAT_S
             while True:
+                if time.monotonic() >= next_heartbeat:  # tells the server this client still waits
+                    self._send(pack({"protocol": PROTOCOL_VERSION, "op": "heartbeat",
+                                     "id": uuid.uuid4().hex, "target": request_id}))
+                    next_heartbeat = time.monotonic() + HEARTBEAT_S
                 if not cancel_sent and is_cancelled():
                     self._send_cancel(request_id)
                     cancel_sent = True
@@ -158,9 +165,18 @@ class InferenceClient:
             f"(no answer in {self.connect_timeout_s:g}s, {self.retries + 1} tries)"
         )
 
+    def _send(self, frames) -> bool:
+        """Send without ever blocking: with no live connection (server down, or a CurveZMQ
+        handshake refused) a DEALER send would wait forever; the reply timeout reports it instead."""
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
     def _send_cancel(self, target: str):
         header = {"protocol": PROTOCOL_VERSION, "op": "cancel", "id": uuid.uuid4().hex, "target": target}
-        self.sock.send_multipart(pack(header))
+        self._send(pack(header))
 
     def info(self) -> dict:
         """The server's versions, protocols, capabilities, model and devices."""

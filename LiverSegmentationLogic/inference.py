@@ -77,6 +77,12 @@ class Segmenter:
         self.network = model.network.to(self.device, memory_format=memory_format).eval()
         self.config = model.preprocess
         self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes}
+        # network output channel -> label written out (0 hides a class the network was trained on
+        # only to tell it apart, e.g. spleen and kidneys in the liver model)
+        n_out = model.network.config["n_classes"]
+        self.output_labels = torch.as_tensor(model.card.get("output_labels", list(range(n_out))), dtype=torch.uint8)
+        if len(self.output_labels) != n_out:
+            raise ValueError(f"model card output_labels has {len(self.output_labels)} entries for {n_out} outputs")
 
     def segment(
         self,
@@ -115,7 +121,7 @@ class Segmenter:
                 logits = self.network(batch).float()
                 probs = torch.softmax(prepared.to_input_grid(logits), dim=1)
                 best, label = probs.max(dim=1)
-                axial_labels[idx] = label.to(torch.uint8).cpu().numpy()
+                axial_labels[idx] = self.output_labels[label.cpu()].numpy()
                 confidence[idx] = best.mean(dim=(1, 2)).cpu().numpy()
                 if progress:
                     progress(int(idx[-1]) + 1, n_slices, "inference")

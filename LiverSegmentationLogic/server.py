@@ -43,6 +43,7 @@ READY = b"READY"
 STOP = b"STOP"
 FINAL_STATUSES = ("ok", "error", "cancelled")
 HEARTBEAT_S = 1.0  # queued requests get an event this often, so clients know the server lives
+DEFAULT_CLIENT_TIMEOUT_S = 10.0  # a job whose client sent no heartbeat for this long is abandoned
 
 
 def error_header(request_id, kind: str, message: str) -> dict:
@@ -157,7 +158,8 @@ class _Job:
     request_id: str
     frames: list
     size: int
-    received: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)  # the client's last heartbeat
+    abandoned: bool = False
 
 
 @dataclass
@@ -180,6 +182,8 @@ class InferenceServer:
         max_message_bytes: larger requests are refused with an error reply.
         curve_secret_file: the server's CurveZMQ secret certificate (``liverseg keys``); enables Curve.
         curve_clients_dir: folder of allowed client public certificates (required with Curve).
+        client_timeout_s: a request whose client sent no heartbeat for this long (the client was
+            killed or lost its network) is dropped from the queue or cancelled on its worker.
     """
 
     def __init__(
@@ -192,10 +196,12 @@ class InferenceServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         curve_secret_file: Optional[str] = None,
         curve_clients_dir: Optional[str] = None,
+        client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
     ):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.model, self.device, self.n_workers = model, device, workers
+        self.client_timeout_s = client_timeout_s
         self.max_bytes = max_message_bytes
         self.ctx = zmq.Context()
         self.auth = None
@@ -280,7 +286,8 @@ class InferenceServer:
             "server_version": __version__,
             "protocol": PROTOCOL_VERSION,
             "protocols": list(SUPPORTED_PROTOCOLS),
-            "capabilities": ["segment", "progress", "cancel", "zlib"],
+            "capabilities": ["segment", "progress", "cancel", "heartbeat", "zlib"],
+            "client_timeout_s": self.client_timeout_s,
             "workers": len(ready),
             "busy": sum(1 for w in self.workers.values() if w.job),
             "queued": len(self.queue),
@@ -316,11 +323,19 @@ class InferenceServer:
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "ok", "info": self._info()})
         elif op == "cancel":
             self._cancel(client, header)
+        elif op == "heartbeat":
+            job = self._find_job(client, header.get("target"))
+            if job is not None:
+                job.last_seen = time.monotonic()
         else:
             self.queue.append(_Job(client, request_id, frames, size))
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "event",
                                  "event": "accepted", "queue_position": len(self.queue)})
             self._dispatch()
+
+    def _find_job(self, client: bytes, request_id) -> Optional[_Job]:
+        running = [w.job for w in self.workers.values() if w.job]
+        return next((j for j in [*self.queue, *running] if j.client == client and j.request_id == request_id), None)
 
     def _cancel(self, client: bytes, header: dict):
         target = header.get("target")
@@ -371,6 +386,15 @@ class InferenceServer:
         if now - self._last_heartbeat < HEARTBEAT_S:
             return
         self._last_heartbeat = now
+        for job in [j for j in self.queue if now - j.last_seen > self.client_timeout_s]:
+            log.warning("request %s dropped from the queue: its client is gone", job.request_id)
+            self.queue.remove(job)
+        for worker in self.workers.values():
+            job = worker.job
+            if job and not job.abandoned and now - job.last_seen > self.client_timeout_s:
+                log.warning("request %s cancelled on %s: its client is gone", job.request_id, worker.name)
+                job.abandoned = True
+                self.backend.send_multipart([worker.name.encode(), job.client, json.dumps({"op": "cancel"}).encode()])
         for position, job in enumerate(self.queue, 1):
             self._reply(job.client, {"protocol": PROTOCOL_VERSION, "id": job.request_id, "status": "event",
                                      "event": "queued", "queue_position": position})

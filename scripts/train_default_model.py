@@ -1,9 +1,13 @@
-"""Reproduce the shipped default model: liver on CHAOS MR T2-SPIR, patient-wise split.
+"""Reproduce the shipped default models, trained on CHAOS MR T2-SPIR with a patient-wise split.
 
-    python scripts/train_default_model.py --data ../shared/data/chaos-mr-t2 --out Resources/Models/liver-mr-t2
+    python scripts/train_default_model.py --data ../shared/data/chaos-mr-t2 --models Resources/Models
 
-Trains on 11 patients, validates on 3 held-out patients with the full inference pipeline
-(Dice on the input grid), and writes weights + model card.
+One network learns liver, right kidney, left kidney and spleen (telling the liver from its
+neighbours is what it has to learn). It is written twice:
+- ``liver-mr-t2`` (the default): outputs the liver only;
+- ``abdomen-mr-t2``: outputs all four organs.
+Trains on 11 patients, validates on 3 held-out patients with the full inference pipeline (Dice on
+the input grid) and writes weights + model cards.
 """
 
 from __future__ import annotations
@@ -26,46 +30,69 @@ from LiverSegmentationLogic.training import TrainConfig, evaluate_cases, load_ca
 
 PATIENTS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32]
 VALIDATION = [2, 21, 31]  # held out; patient 21 is also the bundled demo sample
-LABEL_MAP = {1: 1}  # CHAOS: 1 liver (2, 3 kidneys and 4 spleen become background)
+LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4}  # CHAOS: 1 liver, 2 right kidney, 3 left kidney, 4 spleen
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data/chaos-mr-t2"))
-    p.add_argument("--out", type=Path, default=Path("Resources/Models/liver-mr-t2"))
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--models", type=Path, default=Path("Resources/Models"))
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--version", default="1.0.0")
     args = p.parse_args()
 
-    config = PreprocessConfig(spacing_xy=(2.0, 2.0), neighbours=1)
-    classes = [class_entry(1, "liver", {"largest_component": True, "fill_holes": True})]
+    config = PreprocessConfig(spacing_xy=(2.0, 2.0), neighbours=2)
+    organ_rules = {"largest_component": True, "fill_holes": True}
+    organs = [class_entry(label, name, organ_rules)
+              for label, name in [(1, "liver"), (2, "right kidney"), (3, "left kidney"), (4, "spleen")]]
     train_ids = [n for n in PATIENTS if n not in VALIDATION]
     pair = lambda n: (args.data / f"image_{n}.nii.gz", args.data / f"label_{n}.nii.gz")  # noqa: E731
 
     t0 = time.perf_counter()
     cases = [load_case(*pair(n), config, LABEL_MAP, name=f"chaos-mr-t2/{n}") for n in train_ids]
     print(f"loaded {len(cases)} training cases in {time.perf_counter() - t0:.1f}s")
-    network = UNet2D(in_channels=config.in_channels, n_classes=2, width=16, depth=4, dropout=0.1)
+    network = UNet2D(in_channels=config.in_channels, n_classes=5, width=16, depth=4, dropout=0.1)
     train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget)
-    card = {
-        "name": "liver-mr-t2",
-        "version": args.version,
-        "task": "liver",
-        "modality": "MR",
-        "description": "Liver segmentation on abdominal T2-weighted MR (trained on CHAOS T2-SPIR).",
-        "classes": classes,
-        "preprocessing": config.to_dict(),
-        "readouts": ["volume", "fat_fraction"],
+    cards = {
+        "liver-mr-t2": {
+            "name": "liver-mr-t2",
+            "version": args.version,
+            "task": "liver",
+            "modality": "MR",
+            "description": "Liver segmentation on abdominal T2-weighted MR (trained on CHAOS T2-SPIR).",
+            "classes": organs[:1],
+            "output_labels": [0, 1, 0, 0, 0],
+            "preprocessing": config.to_dict(),
+            "readouts": ["volume", "fat_fraction"],
+        },
+        "abdomen-mr-t2": {
+            "name": "abdomen-mr-t2",
+            "version": args.version,
+            "task": "abdominal organs",
+            "modality": "MR",
+            "description": "Liver, kidneys and spleen on abdominal T2-weighted MR (trained on CHAOS T2-SPIR).",
+            "classes": organs,
+            "output_labels": [0, 1, 2, 3, 4],
+            "preprocessing": config.to_dict(),
+            "readouts": ["volume", "fat_fraction"],
+        },
     }
     t0 = time.perf_counter()
     losses = train_network(network, cases, config, train, checkpoint=args.checkpoint)
     train_s = time.perf_counter() - t0
 
-    model = LoadedModel(network, dict(card, sha256=""), args.out)
-    validation = evaluate_cases(model, [tuple(map(str, pair(n))) for n in VALIDATION], LABEL_MAP)
-    print(json.dumps(validation, indent=2))
+    for name, card in cards.items():
+        model = LoadedModel(network, dict(card, sha256=""), args.models / name)
+        validation = evaluate_cases(model, [tuple(map(str, pair(n))) for n in VALIDATION], LABEL_MAP)
+        print(name, json.dumps(validation, indent=2))
+        _finish_card(card, validation, train_ids, train, losses, train_s)
+        save_model(args.models / name, network, card)
+        print(f"wrote {args.models / name}")
+
+
+def _finish_card(card, validation, train_ids, train, losses, train_s):
     card.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tool_version=__version__,
@@ -90,8 +117,6 @@ def main():
             **validation,
         },
     )
-    save_model(args.out, network, card)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def _bad_inputs(tmp_path):
     text.write_text("hello")
     flat = tmp_path / "flat.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(8, 8).astype(np.float32)), str(flat))
-    four = tmp_path / "four.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(2, 3, 8, 8).astype(np.float32)), str(four))
+    four = tmp_path / "four.nii.gz"  # a time series: two 3D volumes joined along a 4th axis
+    frames = [sitk.GetImageFromArray(np.random.rand(3, 8, 8).astype(np.float32)) for _ in range(2)]
+    sitk.WriteImage(sitk.JoinSeries(frames), str(four))
     nan = tmp_path / "nan.nrrd"
     arr = np.random.rand(4, 8, 8).astype(np.float32)
     arr[0, 0, 0] = np.nan

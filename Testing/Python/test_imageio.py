@@ -102,9 +102,14 @@ def test_2d_and_4d_rejected(tmp_path):
     with pytest.raises(InvalidImageError, match="2D"):
         read_volume(two_d)
     four_d = tmp_path / "series.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(2, 3, 4, 5).astype(np.float32)), str(four_d))
-    with pytest.raises(InvalidImageError, match="4D|components"):
+    frames = [sitk.GetImageFromArray(np.random.rand(3, 4, 5).astype(np.float32)) for _ in range(2)]
+    sitk.WriteImage(sitk.JoinSeries(frames), str(four_d))
+    with pytest.raises(InvalidImageError, match="a 4D image"):
         read_volume(four_d)
+    rgb = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(3, 4, 5, 3).astype(np.float32), isVector=True), str(rgb))
+    with pytest.raises(InvalidImageError, match="3 components per voxel"):
+        read_volume(rgb)
     single = _write(tmp_path, "single.nrrd", np.random.rand(1, 8, 8).astype(np.float32))
     with pytest.raises(InvalidImageError, match="single slice"):
         read_volume(single)
