@@ -244,11 +244,23 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # ------------------------------------------------------------------ review and readout
     def onSegmentationChanged(self, node) -> None:
         if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self.scheduleReadout)
+            for event in self._segmentationEvents():
+                self.removeObserver(self._observedSegmentation, event, self.scheduleReadout)
         self._observedSegmentation = node
         if node is not None:
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.scheduleReadout)
+            for event in self._segmentationEvents():
+                self.addObserver(node, event, self.scheduleReadout)
         self.scheduleReadout()
+
+    @staticmethod
+    def _segmentationEvents():
+        """Events a segmentation node forwards when the operator paints, erases or adds segments."""
+        segmentation = slicer.vtkSegmentation
+        # "Master" was renamed "Source" in Slicer 5.4
+        edited = getattr(segmentation, "SourceRepresentationModified", None)
+        edited = edited or segmentation.MasterRepresentationModified
+        return [vtk.vtkCommand.ModifiedEvent, edited, segmentation.SegmentAdded, segmentation.SegmentRemoved,
+                segmentation.SegmentModified]
 
     def scheduleReadout(self, *args) -> None:
         self.readoutTimer.start()
@@ -283,12 +295,13 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onExportButton(self) -> None:
         p = self._parameterNode
+        remote = self.ui.backendComboBox.currentText == "Remote"
         with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
             record = self.logic.exportToQueue(
                 self.ui.queueFolderPathLineEdit.currentPath, p.inputVolume, p.outputSegmentation,
-                study=p.study, operatorName=p.operatorName)
-            self.ui.statusLabel.text = _("Queued as {case} ({folder})").format(
-                case=record["case_id"], folder=self.ui.queueFolderPathLineEdit.currentPath)
+                study=p.study, operatorName=p.operatorName, serverAddress=p.serverAddress if remote else None)
+            where = p.serverAddress if remote else self.ui.queueFolderPathLineEdit.currentPath
+            self.ui.statusLabel.text = _("Queued as {case} ({where})").format(case=record["case_id"], where=where)
 
 
 #
@@ -428,15 +441,24 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         rows.append(f"<i>model {self.modelDescription(segmentationNode)}</i>")
         return "<br>".join(rows)
 
-    def exportToQueue(self, queueFolder, inputVolume, segmentationNode, study="", operatorName=""):
+    def exportToQueue(self, queueFolder, inputVolume, segmentationNode, study="", operatorName="",
+                      serverAddress=None):
+        """Queue the reviewed case in a local folder, or on the inference server when given."""
         import numpy as np
         from LiverSegmentationLib import mrml_bridge
 
         suggestionFile = segmentationNode.GetAttribute(self.SUGGESTION_ATTRIBUTE)
         suggestion = np.load(suggestionFile) if suggestionFile and os.path.exists(suggestionFile) else None
-        return mrml_bridge.export_case_to_queue(
-            queueFolder, inputVolume, segmentationNode, self._classesForSegmentation(segmentationNode), suggestion,
-            meta={"study": study, "operator": operatorName, "model": self.modelDescription(segmentationNode)})
+        classes = self._classesForSegmentation(segmentationNode)
+        meta = {"study": study, "operator": operatorName, "model": self.modelDescription(segmentationNode)}
+        if not serverAddress:
+            return mrml_bridge.export_case_to_queue(queueFolder, inputVolume, segmentationNode, classes, suggestion,
+                                                    meta=meta)
+        from LiverSegmentationLogic.client import InferenceClient
+
+        image, corrected, record = mrml_bridge.reviewed_case(inputVolume, segmentationNode, classes, suggestion, meta)
+        with InferenceClient(serverAddress) as client:
+            return client.submit(image, corrected, record, labels={c["name"]: c["label"] for c in classes})
 
 
 #

@@ -113,6 +113,7 @@ def cmd_serve(args) -> int:
         curve_secret_file=args.curve_secret,
         curve_clients_dir=args.curve_clients,
         client_timeout_s=args.client_timeout,
+        queue_dir=args.queue,
     )
     return 0
 
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=1024, help="larger requests are refused")
     p.add_argument("--curve-secret", help="server secret certificate (from 'liverseg keys'): enables CurveZMQ")
     p.add_argument("--curve-clients", help="folder of allowed client public certificates")
+    p.add_argument("--queue", help="fine-tuning queue folder that clients may submit corrected cases to")
     p.add_argument("--client-timeout", type=float, default=10.0,
                    help="seconds without a client heartbeat before its request is abandoned")
     p.add_argument("--model", default=None, help="model name, folder or model_card.json")

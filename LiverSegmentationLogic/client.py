@@ -66,6 +66,7 @@ class InferenceClient:
             self.curve = (public, secret, curve_server_key)
         self.ctx = zmq.Context.instance()
         self.sock = None
+        self.server_info: Optional[dict] = None  # from the first info(), which checks the protocol
 
     # ------------------------------------------------------------------ socket
     def _new_socket(self):
@@ -187,7 +188,14 @@ class InferenceClient:
                 f"server speaks protocol {info.get('protocols')}, this client {PROTOCOL_VERSION}: "
                 "upgrade the extension or the server so they match"
             )
+        self.server_info = info
         return info
+
+    def _negotiate(self):
+        """Check versions once, before the first real request, so a mismatch is a clear error on
+        connect rather than a failure in the middle of a job."""
+        if self.server_info is None:
+            self.info()
 
     def segment(
         self,
@@ -203,6 +211,7 @@ class InferenceClient:
 
         ``label_compression`` is how the server sends the labelmap back (zlib shrinks a labelmap
         about 50-fold for a few milliseconds; see benchmarks/bench_remote.py)."""
+        self._negotiate()
         arrays = [encode_array("image", _sendable(volume.array), volume.geometry, self.compression)]
         if ff_map is not None:
             arrays.append(encode_array("ff_map", _sendable(ff_map.array), ff_map.geometry, self.compression))
@@ -227,6 +236,19 @@ class InferenceClient:
             timings=readout["timings"],
         )
         return result, readout
+
+
+    def submit(self, image: Volume, label: np.ndarray, meta: Optional[dict] = None,
+               labels: Optional[dict] = None, on_duplicate: str = "replace") -> dict:
+        """Send a corrected case to the server's fine-tuning queue; returns its queue record."""
+        self._negotiate()
+        arrays = [
+            encode_array("image", _sendable(image.array), image.geometry, self.compression),
+            encode_array("label", np.asarray(label, dtype=np.uint8), image.geometry, "zlib"),
+        ]
+        options = {"meta": meta or {}, "labels": labels, "on_duplicate": on_duplicate}
+        header, _ = self.request("submit", arrays, options)
+        return header["record"]
 
 
 def _sendable(array: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The remote-inference wire format: a JSON header frame followed by raw array frames.
 
 Request:  [header, buffer...] with header
-    {"protocol": 1, "op": "info" | "segment" | "cancel" | "heartbeat", "id": "...",
+    {"protocol": 1, "op": "info" | "segment" | "cancel" | "heartbeat" | "submit", "id": "...",
      "arrays": [{"name": "image", "dtype": "float32", "shape": [z, y, x],
                  "geometry": {"spacing": [...], "origin": [...], "direction": [...]},
                  "compression": "none" | "zlib"}],
@@ -29,7 +29,7 @@ PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = (1,)
 ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 COMPRESSIONS = ("none", "zlib")
-OPS = ("info", "segment", "cancel", "heartbeat")
+OPS = ("info", "segment", "cancel", "heartbeat", "submit")
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB
 
 

@@ -184,6 +184,7 @@ class InferenceServer:
         curve_clients_dir: folder of allowed client public certificates (required with Curve).
         client_timeout_s: a request whose client sent no heartbeat for this long (the client was
             killed or lost its network) is dropped from the queue or cancelled on its worker.
+        queue_dir: the fine-tuning queue that ``submit`` requests write into (none: refused).
     """
 
     def __init__(
@@ -197,11 +198,13 @@ class InferenceServer:
         curve_secret_file: Optional[str] = None,
         curve_clients_dir: Optional[str] = None,
         client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+        queue_dir: Optional[str] = None,
     ):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.model, self.device, self.n_workers = model, device, workers
         self.client_timeout_s = client_timeout_s
+        self.queue_dir = queue_dir
         self.max_bytes = max_message_bytes
         self.ctx = zmq.Context()
         self.auth = None
@@ -286,7 +289,8 @@ class InferenceServer:
             "server_version": __version__,
             "protocol": PROTOCOL_VERSION,
             "protocols": list(SUPPORTED_PROTOCOLS),
-            "capabilities": ["segment", "progress", "cancel", "heartbeat", "zlib"],
+            "capabilities": ["segment", "progress", "cancel", "heartbeat", "zlib"]
+            + (["submit"] if self.queue_dir else []),
             "client_timeout_s": self.client_timeout_s,
             "workers": len(ready),
             "busy": sum(1 for w in self.workers.values() if w.job),
@@ -323,6 +327,8 @@ class InferenceServer:
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "ok", "info": self._info()})
         elif op == "cancel":
             self._cancel(client, header)
+        elif op == "submit":
+            self._submit(client, header, frames)
         elif op == "heartbeat":
             job = self._find_job(client, header.get("target"))
             if job is not None:
@@ -332,6 +338,32 @@ class InferenceServer:
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "event",
                                  "event": "accepted", "queue_position": len(self.queue)})
             self._dispatch()
+
+    def _submit(self, client: bytes, header: dict, frames):
+        """Write a corrected case into this server's fine-tuning queue (done here, in the broker:
+        a few MB to disk, no model needed)."""
+        from .case_queue import CaseQueue
+        from .imageio import validate_volume
+
+        request_id = header["id"]
+        try:
+            if not self.queue_dir:
+                raise ProtocolError("this server has no fine-tuning queue (start it with --queue DIR)")
+            _, buffers = unpack([f.buffer for f in frames], self.max_bytes)
+            image, label = volume_from(header, buffers, "image"), volume_from(header, buffers, "label")
+            if image is None or label is None:
+                raise ProtocolError("a submit request needs arrays named 'image' and 'label'")
+            validate_volume(image, "image")
+            options = header.get("options") or {}
+            meta = options.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise ProtocolError("options.meta must be a JSON object")
+            queue = CaseQueue(self.queue_dir, labels=options.get("labels"), modality=meta.get("modality", "MR"))
+            record = queue.add(image, label.array, meta, on_duplicate=options.get("on_duplicate", "replace"))
+            log.info("request %s queued case %s", request_id, record["case_id"])
+            self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "ok", "record": record})
+        except (LiverSegError, ValueError) as exc:
+            self._reply(client, error_header(request_id, type(exc).__name__, str(exc)))
 
     def _find_job(self, client: bytes, request_id) -> Optional[_Job]:
         running = [w.job for w in self.workers.values() if w.job]

@@ -181,19 +181,16 @@ def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
 
 
 # ----------------------------------------------------------------------------- export
-def export_case_to_queue(
-    queue_folder,
+def reviewed_case(
     volume_node,
     segmentation_node,
     classes: Sequence[dict],
     suggestion: Optional[np.ndarray] = None,
     meta: Optional[dict] = None,
-    on_duplicate: str = "replace",
-) -> dict:
-    """Queue the reviewed case for fine-tuning: the source image, the corrected labelmap and
-    metadata, including the Dice between the model's suggestion and the correction (how much the
-    operator changed) and the source node names."""
-    from LiverSegmentationLogic.case_queue import CaseQueue
+) -> tuple[Volume, np.ndarray, dict]:
+    """The reviewed case, ready to queue: the source image, the corrected labelmap and a meta
+    record with the Dice between the model's suggestion and the correction (how much the
+    operator changed), the changed volume and the source node names."""
     from LiverSegmentationLogic.metrics import dice
 
     image = volume_from_node(volume_node)
@@ -213,6 +210,22 @@ def export_case_to_queue(
             * voxel_ml
             for c in classes
         }
+    return image, corrected, record
+
+
+def export_case_to_queue(
+    queue_folder,
+    volume_node,
+    segmentation_node,
+    classes: Sequence[dict],
+    suggestion: Optional[np.ndarray] = None,
+    meta: Optional[dict] = None,
+    on_duplicate: str = "replace",
+) -> dict:
+    """Queue the reviewed case (see :func:`reviewed_case`) in a local fine-tuning queue folder."""
+    from LiverSegmentationLogic.case_queue import CaseQueue
+
+    image, corrected, record = reviewed_case(volume_node, segmentation_node, classes, suggestion, meta)
     labels = {c["name"]: int(c["label"]) for c in classes}
     queue = CaseQueue(queue_folder, labels=labels, modality=(meta or {}).get("modality", "MR"))
     return queue.add(image, corrected, record, on_duplicate=on_duplicate)

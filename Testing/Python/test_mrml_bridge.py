@@ -167,3 +167,18 @@ def test_export_to_queue_matches_the_edit(bridge, liver_segmentation, sample_res
     seg = slicerio.read_segmentation(str(tmp_path / "edited.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["liver"]
     assert int((seg["voxels"] == seg["segments"][0]["labelValue"]).sum()) == int(mask.sum())
+
+
+def test_an_edit_fires_the_event_the_panel_watches(bridge, liver_segmentation):
+    """The panel refreshes its readout on SourceRepresentationModified from the node."""
+    import slicer.util
+
+    volume_node, seg_node = liver_segmentation
+    fired = []
+    tag = seg_node.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified, lambda *a: fired.append(a))
+    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
+    mask[:, :, :10] = 0
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg_node, segment_id, volume_node)
+    seg_node.RemoveObserver(tag)
+    assert fired

@@ -335,3 +335,34 @@ def test_remote_job_for_the_panel(server, sample_case, sample_result):
         job.poll()
         time.sleep(0.05)
     assert job.state == CANCELLED
+
+
+def test_submit_to_the_server_queue(tmp_path, sample_case):
+    """Operators without a shared folder send corrected cases to the server's queue."""
+    from LiverSegmentationLogic.case_queue import CaseQueue
+
+    image, reference = sample_case
+    queue = tmp_path / "server-queue"
+    proc, address = start_server("--queue", queue, workers=0)
+    try:
+        with InferenceClient(address) as client:
+            assert "submit" in client.info()["capabilities"]
+            record = client.submit(image, reference == 1, {"study": "S-9", "operator": "ana"})
+            again = client.submit(image, reference == 1, {"study": "S-9"})
+            with pytest.raises(RemoteError, match="label"):
+                client.request("submit", [encode_array("image", image.array.astype(np.float32), image.geometry)])
+        assert again["case_id"] == record["case_id"] == "S-9_001" and again["replaced"]
+        cases = CaseQueue(queue).list()
+        assert [c["case_id"] for c in cases] == ["S-9_001"]
+        import SimpleITK as sitk
+
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(CaseQueue(queue).paths("S-9_001")["label"])))
+        np.testing.assert_array_equal(stored, (reference == 1).astype(np.uint8))
+    finally:
+        stop(proc)
+    proc, address = start_server(workers=0)  # no --queue: refused with a reason
+    try:
+        with InferenceClient(address) as client, pytest.raises(RemoteError, match="no fine-tuning queue"):
+            client.submit(image, reference == 1)
+    finally:
+        stop(proc)
