@@ -325,10 +325,9 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- models and setup
     def modelNames(self):
-        from LiverSegmentationLogic.models import CARD_NAME, DEFAULT_MODEL, models_dir
+        from LiverSegmentationLogic.catalog import model_names  # no torch: works before dependencies exist
 
-        names = sorted(p.parent.name for p in models_dir().glob(f"*/{CARD_NAME}"))
-        return sorted(names, key=lambda n: n != DEFAULT_MODEL)
+        return model_names()
 
     def defaultQueueFolder(self):
         return os.path.join(os.path.expanduser("~"), "LiverSegmentationQueue")
@@ -391,7 +390,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def _classesForSegmentation(self, segmentationNode):
         """Classes of the model that made this segmentation (the default model's for others)."""
-        from LiverSegmentationLogic.models import DEFAULT_MODEL
+        from LiverSegmentationLogic.catalog import DEFAULT_MODEL
 
         return self._classesFor(segmentationNode.GetAttribute(self.MODEL_NAME_ATTRIBUTE) or DEFAULT_MODEL)
 
@@ -399,7 +398,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         if modelName not in self._classes:
             import json
 
-            from LiverSegmentationLogic.models import CARD_NAME, resolve_model_folder
+            from LiverSegmentationLogic.catalog import CARD_NAME, resolve_model_folder
 
             card = json.loads((resolve_model_folder(modelName) / CARD_NAME).read_text())
             self._classes[modelName] = card["classes"]

@@ -11,24 +11,12 @@ from pathlib import Path
 
 import torch
 
+from .catalog import CARD_NAME, WEIGHTS_NAME, resolve_model_folder
 from .errors import ModelLoadError, ModelNotFoundError
 from .network import UNet2D
 from .preprocessing import PreprocessConfig
 
-CARD_NAME = "model_card.json"
-WEIGHTS_NAME = "model.pt"
-DEFAULT_MODEL = "liver-mr-t2"
 CARD_SCHEMA_VERSION = 1
-
-
-def resources_dir() -> Path:
-    """The extension's ``Resources`` folder (next to the package in the repository)."""
-    return Path(__file__).resolve().parent.parent / "Resources"
-
-
-def models_dir() -> Path:
-    """Where named models live; ``LIVERSEG_MODELS_DIR`` overrides the bundled folder."""
-    return Path(os.environ.get("LIVERSEG_MODELS_DIR", resources_dir() / "Models"))
 
 
 def sha256_of(path: Path) -> str:
@@ -59,28 +47,6 @@ class LoadedModel:
     @property
     def name_version(self) -> str:
         return f"{self.card['name']} {self.card['version']}"
-
-
-def resolve_model_folder(model: str | os.PathLike | None = None) -> Path:
-    """A model name (folder under :func:`models_dir`), a model folder or a card path -> folder.
-
-    Raises:
-        ModelNotFoundError: nothing with a model card at that name or path.
-    """
-    model = DEFAULT_MODEL if model is None else model
-    candidates = [Path(model)]
-    if not Path(model).is_absolute() and os.sep not in str(model) and "/" not in str(model):
-        candidates.insert(0, models_dir() / str(model))
-    for c in candidates:
-        if c.is_file() and c.name == CARD_NAME:
-            return c.parent
-        if (c / CARD_NAME).is_file():
-            return c
-    known = sorted(p.parent.name for p in models_dir().glob(f"*/{CARD_NAME}"))
-    raise ModelNotFoundError(
-        f"No model found at {model!s} (looked for {CARD_NAME} in {', '.join(str(c) for c in candidates)}). "
-        f"Known models: {', '.join(known) or 'none'}"
-    )
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:

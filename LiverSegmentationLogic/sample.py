@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models import resources_dir
+from .catalog import resources_dir
 
 SAMPLE_NAME = "chaos-mr-t2-patient21"
 

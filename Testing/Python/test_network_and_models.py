@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from LiverSegmentationLogic.errors import ModelLoadError, ModelNotFoundError
-from LiverSegmentationLogic.models import CARD_NAME, WEIGHTS_NAME, load_model, save_model
+from LiverSegmentationLogic.catalog import CARD_NAME, WEIGHTS_NAME
+from LiverSegmentationLogic.models import load_model, save_model
 from LiverSegmentationLogic.network import UNet2D, count_flops_per_slice
 
 

@@ -95,3 +95,22 @@ def test_bridge_and_core_import_no_qt():
         assert not imported & {"qt", "ctk", "PySide6", "PyQt5"}, path
         if path.parent.name == "LiverSegmentationLogic":
             assert "slicer" not in imported, path
+
+
+def test_panel_can_list_models_without_torch():
+    """The panel fills its model list in setup(), before dependencies are installed."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('torch', 'scipy', 'skimage', 'zmq'):\n"
+        "        raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "from LiverSegmentationLogic.catalog import model_names, resolve_model_folder\n"
+        "names = model_names()\n"
+        "assert names[0] == 'liver-mr-t2', names\n"
+        "assert resolve_model_folder(names[0]).is_dir()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
