@@ -14,7 +14,6 @@ hash) is replaced or versioned, never silently duplicated.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -24,16 +23,10 @@ from typing import Literal, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .audit import array_sha256
 from .imageio import Volume
 
 TMP_SUFFIX = ".partial"
-
-
-def array_sha256(array: np.ndarray) -> str:
-    """Content hash of an array (dtype, shape and bytes)."""
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def _atomic_write_image(volume: Volume, path: Path):

@@ -48,6 +48,37 @@ class _ProgressLines:
         pass
 
 
+def _stem(path: Path) -> Path:
+    """``out/case.seg.nrrd`` -> ``out/case`` (every image extension removed)."""
+    path = Path(path)
+    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from .batch import find_cases, run_batch
+
+    total = len(find_cases(Path(args.study)))
+    if total == 0:
+        raise LiverSegError(f"No scans (NIfTI, NRRD, MHA or DICOM folders) found under {args.study}")
+    bar = tqdm(total=total, unit="case", file=sys.stderr, disable=args.quiet)
+
+    def on_case(row):
+        bar.update(1)
+        bar.write(f"{row['case']}: {row['status']}", file=sys.stderr)
+
+    rows = run_batch(Path(args.study), Path(args.output), _load_segmenter(args), on_case=on_case)
+    bar.close()
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    print(f"{len(rows)} case(s): {len(rows) - len(failed)} done, {len(failed)} failed; "
+          f"table: {Path(args.output) / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def _load_segmenter(args):
     from .inference import Segmenter
     from .models import load_model
@@ -72,9 +103,17 @@ def cmd_segment(args) -> int:
             result, readout = segment_case(_load_segmenter(args), volume, ff_map, **options)
     finally:
         progress.close()
+    from .audit import audit_record, write_audit
+    from .guidance import slices_to_check
+
     written = write_segmentation(args.output, result)
+    audit = write_audit(_stem(written).with_name(_stem(written).name + ".audit.json"),
+                        audit_record(volume.array, result.labels, result.model, readout, source=str(args.input)))
     print(format_readout(readout))
-    print(f"segmentation written to {written}")
+    if result.slice_uncertainty is not None:
+        check = slices_to_check(result.slice_uncertainty)
+        print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")
+    print(f"segmentation written to {written}\naudit record written to {audit}")
     if args.png:
         print(f"QA mosaic written to {overlay_mosaic(volume, result.labels, result.classes, args.png)}")
     if args.json:
@@ -256,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--name", default="server")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("batch", help="segment every scan of a study folder; resumable")
+    p.add_argument("study", help="folder searched recursively for NIfTI/NRRD/MHA files and DICOM folders")
+    p.add_argument("-o", "--output", required=True, help="results folder (per-case folders + results.csv)")
+    model_options(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("queue", help="the fine-tuning queue of corrected cases")
     qsub = p.add_subparsers(dest="action", required=True)

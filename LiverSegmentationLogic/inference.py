@@ -17,6 +17,9 @@ from .models import LoadedModel
 from .postprocessing import postprocess_labels
 from .preprocessing import neighbour_stack, prepare_volume
 
+#: a voxel whose winning class probability is below this counts as uncertain
+UNCERTAIN_BELOW = 0.9
+
 #: progress(done, total, stage) is called as work advances
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -52,7 +55,10 @@ class SegmentationResult:
     classes: list[dict]
     model: dict  # name, version, sha256 of the weights
     timings: dict = field(default_factory=dict)  # seconds per stage
-    slice_confidence: Optional[np.ndarray] = None  # mean max-probability per axial slice
+    #: per axial slice (in the reoriented S-P-L order, see preprocessing.AxialReorientation), the
+    #: number of voxels whose winning class probability is below UNCERTAIN_BELOW: where the model
+    #: hesitates, mostly along boundaries it is unsure of (see guidance.slices_to_check)
+    slice_uncertainty: Optional[np.ndarray] = None
 
 
 class Segmenter:
@@ -83,6 +89,9 @@ class Segmenter:
         self.output_labels = torch.as_tensor(model.card.get("output_labels", list(range(n_out))), dtype=torch.uint8)
         if len(self.output_labels) != n_out:
             raise ValueError(f"model card output_labels has {len(self.output_labels)} entries for {n_out} outputs")
+        # sums output probabilities per written label, so uncertainty is about what the user sees
+        # (a liver-only model hesitating between spleen and background is not a liver question)
+        self._to_written = torch.nn.functional.one_hot(self.output_labels.long()).float().to(self.device)
 
     def segment(
         self,
@@ -108,7 +117,7 @@ class Segmenter:
         t0 = time.perf_counter()
         n_slices = prepared.image.shape[0]
         axial_labels = np.zeros(prepared.axial_shape, dtype=np.uint8)
-        confidence = np.zeros(n_slices, dtype=np.float32)
+        uncertainty = np.zeros(n_slices, dtype=np.int64)
         k = self.config.neighbours
         with torch.inference_mode():
             for start in range(0, n_slices, self.batch_size):
@@ -120,9 +129,10 @@ class Segmenter:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 logits = self.network(batch).float()
                 probs = torch.softmax(prepared.to_input_grid(logits), dim=1)
-                best, label = probs.max(dim=1)
+                label = probs.argmax(dim=1)
                 axial_labels[idx] = self.output_labels[label.cpu()].numpy()
-                confidence[idx] = best.mean(dim=(1, 2)).cpu().numpy()
+                written = torch.einsum("bchw,cl->blhw", probs, self._to_written).amax(dim=1)
+                uncertainty[idx] = (written < UNCERTAIN_BELOW).sum(dim=(1, 2)).cpu().numpy()
                 if progress:
                     progress(int(idx[-1]) + 1, n_slices, "inference")
         timings["inference"] = time.perf_counter() - t0
@@ -141,5 +151,5 @@ class Segmenter:
                 "sha256": self.model.card["sha256"],
             },
             timings=timings,
-            slice_confidence=confidence,
+            slice_uncertainty=uncertainty,
         )

@@ -41,9 +41,10 @@ def main():
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--version", default="1.0.0")
+    p.add_argument("--spacing", type=float, default=2.0, help="in-plane model grid, mm")
     args = p.parse_args()
 
-    config = PreprocessConfig(spacing_xy=(2.0, 2.0), neighbours=2)
+    config = PreprocessConfig(spacing_xy=(args.spacing, args.spacing), neighbours=2)
     organ_rules = {"largest_component": True, "fill_holes": True}
     organs = [class_entry(label, name, organ_rules)
               for label, name in [(1, "liver"), (2, "right kidney"), (3, "left kidney"), (4, "spleen")]]

@@ -191,7 +191,7 @@ def reviewed_case(
     """The reviewed case, ready to queue: the source image, the corrected labelmap and a meta
     record with the Dice between the model's suggestion and the correction (how much the
     operator changed), the changed volume and the source node names."""
-    from LiverSegmentationLogic.metrics import dice
+    from LiverSegmentationLogic.audit import review_record
 
     image = volume_from_node(volume_node)
     corrected = labels_from_segmentation(segmentation_node, volume_node, classes)
@@ -201,15 +201,7 @@ def reviewed_case(
         **(meta or {}),
     }
     if suggestion is not None:
-        voxel_ml = image.geometry.voxel_volume_ml
-        record["suggestion_dice"] = {
-            c["name"]: dice(suggestion == c["label"], corrected == c["label"]) for c in classes
-        }
-        record["changed_volume_ml"] = {
-            c["name"]: float(np.count_nonzero(corrected == c["label"]) - np.count_nonzero(suggestion == c["label"]))
-            * voxel_ml
-            for c in classes
-        }
+        record.update(review_record(suggestion, corrected, image.geometry, classes))
     return image, corrected, record
 
 
