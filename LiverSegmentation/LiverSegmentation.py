@@ -127,6 +127,7 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.ffVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.scheduleReadout)
         self.ui.marginSpinBox.connect("valueChanged(double)", self.scheduleReadout)
+        self.ui.slicesToCheckList.connect("itemClicked(QListWidgetItem*)", self.onSliceToCheckClicked)
 
         self.initializeParameterNode()
 
@@ -227,6 +228,7 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 segmentation = self.logic.finishSegmentation(
                     job, self._parameterNode.inputVolume, self._parameterNode.outputSegmentation)
                 self._parameterNode.outputSegmentation = segmentation
+                self.showSlicesToCheck(job.readout.get("review"))
                 self.ui.statusLabel.text = _("Done: {model}").format(model=self.logic.modelDescription(segmentation))
         elif job.state == "cancelled":
             self.ui.statusLabel.text = _("Cancelled.")
@@ -235,6 +237,20 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=job.error))
         self.updateGUIFromState()
         self.updateReadout()
+
+    def showSlicesToCheck(self, review) -> None:
+        self.ui.slicesToCheckList.clear()
+        if not review:
+            return
+        for z, voxels, lps in zip(review["slices_to_check"], review["uncertain_voxels"], review["positions_lps"],
+                                  strict=True):
+            item = qt.QListWidgetItem(_("axial slice {z}: {n} uncertain voxels").format(z=z, n=voxels))
+            item.setData(qt.Qt.UserRole, [-lps[0], -lps[1], lps[2]])  # LPS -> RAS
+            self.ui.slicesToCheckList.addItem(item)
+
+    def onSliceToCheckClicked(self, item) -> None:
+        r, a, s = item.data(qt.Qt.UserRole)
+        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
 
     def onTestConnection(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot reach the inference server."), waitCursor=True):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .guidance import axial_slice_positions, slices_to_check
 from .imageio import Volume, write_labelmap, write_seg_nrrd
 from .inference import ProgressCallback, SegmentationResult, Segmenter
 from .readouts import DEFAULT_MARGIN_MM, fat_fraction_readout, label_volume_ml
@@ -42,6 +43,14 @@ def segment_case(
         if liver is not None:
             mask = Volume(result.labels == liver["label"], result.geometry)
             readout["fat_fraction"] = fat_fraction_readout(mask, ff_map, margin_mm=margin_mm, unit=ff_unit)
+    if result.slice_uncertainty is not None:
+        flagged = slices_to_check(result.slice_uncertainty)
+        positions = axial_slice_positions(result.geometry, result.labels.shape)
+        readout["review"] = {
+            "slices_to_check": flagged,  # axial slice indices, most uncertain first
+            "uncertain_voxels": [int(result.slice_uncertainty[z]) for z in flagged],
+            "positions_lps": [positions[z].tolist() for z in flagged],
+        }
     result.timings["readout"] = time.perf_counter() - t0
     readout["timings"] = dict(result.timings)
     return result, readout

@@ -82,6 +82,12 @@ def test_readouts_through_the_pipeline(segmenter, sample_case):
     assert readout["fat_fraction"]["median"] == pytest.approx(12.0)
     assert readout["fat_fraction"]["steatosis"] is True
     assert set(readout["timings"]) == {"preprocess", "inference", "postprocess", "readout"}
+    review = readout["review"]
+    assert review["slices_to_check"] and len(review["positions_lps"]) == len(review["slices_to_check"])
+    z = review["slices_to_check"][0]
+    # the position is the centre of that axial slice (this sample's k axis runs inferior to superior)
+    expected = image.to_sitk().TransformIndexToPhysicalPoint([128, 128, z])
+    assert review["positions_lps"][0] == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.mark.parametrize("n", [2, 32])
