@@ -5,6 +5,7 @@ bridge (LiverSegmentationLib.mrml_bridge), which are tested headless. Inference 
 GUI thread: a background process (local) or thread (remote) is polled with a qt.QTimer.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -331,6 +332,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
     SUGGESTION_ATTRIBUTE = "LiverSegmentation.SuggestionFile"
     MODEL_ATTRIBUTE = "LiverSegmentation.Model"  # "name version" of the model that made the suggestion
     MODEL_NAME_ATTRIBUTE = "LiverSegmentation.ModelName"
+    AUDIT_ATTRIBUTE = "LiverSegmentation.Audit"  # the suggestion's audit record (JSON)
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -402,6 +404,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         model = job.readout["model"]
         segmentationNode.SetAttribute(self.MODEL_ATTRIBUTE, f"{model['name']} {model['version']}")
         segmentationNode.SetAttribute(self.MODEL_NAME_ATTRIBUTE, model["name"])
+        segmentationNode.SetAttribute(self.AUDIT_ATTRIBUTE, json.dumps(job.readout.get("audit")))
         return segmentationNode
 
     def _classesForSegmentation(self, segmentationNode):
@@ -412,8 +415,6 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def _classesFor(self, modelName):
         if modelName not in self._classes:
-            import json
-
             from LiverSegmentationLogic.catalog import CARD_NAME, resolve_model_folder
 
             card = json.loads((resolve_model_folder(modelName) / CARD_NAME).read_text())
@@ -465,7 +466,8 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         suggestionFile = segmentationNode.GetAttribute(self.SUGGESTION_ATTRIBUTE)
         suggestion = np.load(suggestionFile) if suggestionFile and os.path.exists(suggestionFile) else None
         classes = self._classesForSegmentation(segmentationNode)
-        meta = {"study": study, "operator": operatorName, "model": self.modelDescription(segmentationNode)}
+        meta = {"study": study, "operator": operatorName, "model": self.modelDescription(segmentationNode),
+                "suggestion_audit": json.loads(segmentationNode.GetAttribute(self.AUDIT_ATTRIBUTE) or "null")}
         if not serverAddress:
             return mrml_bridge.export_case_to_queue(queueFolder, inputVolume, segmentationNode, classes, suggestion,
                                                     meta=meta)

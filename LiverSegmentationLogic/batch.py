@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .audit import audit_record, write_audit
+from .audit import write_audit
 from .errors import LiverSegError
 from .guidance import slices_to_check
 from .imageio import read_volume
@@ -28,7 +28,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 FF_TAGS = ("_ff", "_pdff")
 NOT_SCANS = re.compile(r"label|mask|seg", re.IGNORECASE)
 COLUMNS = ["case", "status", "liver_volume_ml", "ff_median", "ff_mean", "steatosis", "model", "model_version",
-           "uncertain_voxels", "slices_to_check", "seconds", "source", "ff_map"]
+           "uncertain_voxels", "slices_to_check", "seconds", "source", "ff_map", "input_sha256",
+           "segmentation_sha256", "weights_sha256"]
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
@@ -83,13 +84,12 @@ def _run_case(case: dict, folder: Path, segmenter) -> dict:
     try:
         volume = read_volume(case["source"])
         ff_map = read_volume(case["ff"], validate=False) if case["ff"] else None
-        result, readout = segment_case(segmenter, volume, ff_map)
+        result, readout = segment_case(segmenter, volume, ff_map, source=str(case["source"]))
         folder.mkdir(parents=True, exist_ok=True)
         write_segmentation(folder / "segmentation.seg.nrrd", result)
         overlay_mosaic(volume, result.labels, result.classes, folder / "qa.png")
         (folder / "readout.json").write_text(json.dumps(readout, indent=2) + "\n")
-        write_audit(folder / "audit.json", audit_record(volume.array, result.labels, result.model, readout,
-                                                        source=str(case["source"])))
+        write_audit(folder / "audit.json", readout["audit"])
         ff = readout["fat_fraction"] or {}
         row.update(
             status="done",
@@ -102,6 +102,9 @@ def _run_case(case: dict, folder: Path, segmenter) -> dict:
             uncertain_voxels=int(result.slice_uncertainty.sum()),
             slices_to_check=";".join(map(str, slices_to_check(result.slice_uncertainty))),
             seconds=round(time.perf_counter() - t0, 2),
+            input_sha256=readout["audit"]["input"]["sha256"],
+            segmentation_sha256=readout["audit"]["segmentation_sha256"],
+            weights_sha256=result.model["sha256"],
         )
         (folder / "row.json").write_text(json.dumps(row, indent=2) + "\n")  # written last: the case is done
     except Exception as exc:  # one bad case must not stop a study; its row says why

@@ -99,16 +99,16 @@ def cmd_segment(args) -> int:
         if args.server:
             with _client(args) as client:
                 result, readout = client.segment(volume, ff_map, **options)
+            readout["audit"]["input"]["source"] = str(args.input)
         else:
-            result, readout = segment_case(_load_segmenter(args), volume, ff_map, **options)
+            result, readout = segment_case(_load_segmenter(args), volume, ff_map, source=str(args.input), **options)
     finally:
         progress.close()
-    from .audit import audit_record, write_audit
+    from .audit import write_audit
     from .guidance import slices_to_check
 
     written = write_segmentation(args.output, result)
-    audit = write_audit(_stem(written).with_name(_stem(written).name + ".audit.json"),
-                        audit_record(volume.array, result.labels, result.model, readout, source=str(args.input)))
+    audit = write_audit(_stem(written).with_name(_stem(written).name + ".audit.json"), readout["audit"])
     print(format_readout(readout))
     if result.slice_uncertainty is not None:
         check = slices_to_check(result.slice_uncertainty)

@@ -22,6 +22,7 @@ from .errors import (
     ServerTimeoutError,
     ServerUnreachableError,
 )
+from .audit import array_sha256
 from .imageio import Volume
 from .inference import ProgressCallback, SegmentationResult
 from .protocol import PROTOCOL_VERSION, decode_array, encode_array, pack, unpack
@@ -231,6 +232,9 @@ class InferenceClient:
         labels, geometry = decode_array(header["arrays"][0], buffers[0])
         readout = header["readout"]
         readout["timings"]["client_total"] = time.perf_counter() - t0
+        # the server hashed what it received (float32 for float images); the audit names the
+        # caller's own array
+        readout["audit"]["input"]["sha256"] = array_sha256(volume.array)
         result = SegmentationResult(
             labels=labels, geometry=geometry, classes=header["classes"], model=readout["model"],
             timings=readout["timings"],

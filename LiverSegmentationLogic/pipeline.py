@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
 from .imageio import Volume, write_labelmap, write_seg_nrrd
 from .inference import ProgressCallback, SegmentationResult, Segmenter
@@ -24,12 +25,17 @@ def segment_case(
     ff_unit: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel=None,
+    source: Optional[str] = None,
 ) -> tuple[SegmentationResult, dict]:
     """Segment ``volume`` and compute its readouts.
 
+    Args:
+        source: where the volume came from (a path), for the audit record.
+
     Returns:
         the segmentation and a readout dict: ``volumes_ml`` per class name, ``fat_fraction``
-        (None without a map; computed in the class named "liver"), ``model``, ``timings``.
+        (None without a map; computed in the class named "liver"), ``model``, ``review`` (slices
+        to check), ``timings`` and ``audit`` (see :mod:`audit`).
     """
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
     t0 = time.perf_counter()
@@ -53,6 +59,8 @@ def segment_case(
         }
     result.timings["readout"] = time.perf_counter() - t0
     readout["timings"] = dict(result.timings)
+    # every readout carries its audit record, wherever it is computed (CLI, batch, server, panel)
+    readout["audit"] = audit_record(volume.array, result.labels, result.model, readout, source=source)
     return result, readout
 
 

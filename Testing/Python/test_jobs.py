@@ -28,6 +28,9 @@ def test_local_process_job_matches_in_process_result(sample_case, sample_result,
     assert job.state == DONE, job.error
     np.testing.assert_array_equal(job.labels, sample_result.labels)
     assert job.readout["volumes_ml"]["liver"] > 0
+    from LiverSegmentationLogic.audit import verify_audit
+
+    assert verify_audit(job.readout["audit"], image.array, job.labels)  # the panel's readouts are audited
     progress = [e[1] for e in events if e[0] == "progress"]
     assert progress == sorted(progress) and progress[-1] == image.array.shape[0]
     assert not list(tmp_path.iterdir())  # temporary files cleaned up

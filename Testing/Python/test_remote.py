@@ -110,6 +110,9 @@ def test_remote_result_identical_to_local(server, segmenter, sample_case):
     assert remote.geometry.allclose(image.geometry, tol=1e-9)
     assert readout["volumes_ml"] == local_readout["volumes_ml"]
     assert readout["fat_fraction"]["median"] == pytest.approx(4.0)
+    from LiverSegmentationLogic.audit import verify_audit
+
+    assert verify_audit(readout["audit"], image.array, remote.labels)  # the server's readouts are audited
     dones = [e[0] for e in events]
     assert dones == sorted(dones) and dones[-1] == image.array.shape[0]
 
