@@ -1,4 +1,4 @@
-"""The ``liverseg`` command: segment, evaluate, demo."""
+"""The ``liverseg`` command: segment, batch, evaluate, demo, serve, keys, queue."""
 
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def _load_segmenter(args):
 
 
 def cmd_segment(args) -> int:
+    from .audit import write_audit
     from .imageio import read_volume
     from .pipeline import format_readout, segment_case, write_segmentation
     from .qa import overlay_mosaic
@@ -104,15 +105,11 @@ def cmd_segment(args) -> int:
             result, readout = segment_case(_load_segmenter(args), volume, ff_map, source=str(args.input), **options)
     finally:
         progress.close()
-    from .audit import write_audit
-    from .guidance import slices_to_check
-
     written = write_segmentation(args.output, result)
     audit = write_audit(_stem(written).with_name(_stem(written).name + ".audit.json"), readout["audit"])
     print(format_readout(readout))
-    if result.slice_uncertainty is not None:
-        check = slices_to_check(result.slice_uncertainty)
-        print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")
+    check = readout["review"]["slices_to_check"]
+    print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")
     print(f"segmentation written to {written}\naudit record written to {audit}")
     if args.png:
         print(f"QA mosaic written to {overlay_mosaic(volume, result.labels, result.classes, args.png)}")
@@ -169,7 +166,6 @@ def cmd_keys(args) -> int:
 
 def cmd_queue(args) -> int:
     from .case_queue import CaseQueue
-    from .errors import LiverSegError
     from .imageio import read_volume
 
     queue = CaseQueue(args.queue)

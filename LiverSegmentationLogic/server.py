@@ -44,6 +44,7 @@ STOP = b"STOP"
 FINAL_STATUSES = ("ok", "error", "cancelled")
 HEARTBEAT_S = 1.0  # queued requests get an event this often, so clients know the server lives
 DEFAULT_CLIENT_TIMEOUT_S = 10.0  # a job whose client sent no heartbeat for this long is abandoned
+MAX_FAILED_STARTS = 3  # a worker that cannot even load its model is not restarted for ever
 
 
 def error_header(request_id, kind: str, message: str) -> dict:
@@ -64,11 +65,10 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
     from .models import load_model
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when workers stop
-    torch.set_num_threads(max(1, threads))
     loaded = load_model(model)
     segmenter = Segmenter(loaded, device=device)
     if segmenter.device.type == "cpu":
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, threads))  # share the cores between the workers
     info = {
         "worker": name,
         "pid": os.getpid(),
@@ -228,6 +228,7 @@ class InferenceServer:
         self.free: deque[str] = deque()
         self.queue: deque[_Job] = deque()
         self._spawned = 0
+        self._failed_starts = 0  # workers that died before becoming ready, in a row
         self._stop = False
         self._last_heartbeat = time.monotonic()
 
@@ -276,7 +277,14 @@ class InferenceServer:
             del self.workers[name]
             if name in self.free:
                 self.free.remove(name)
-            if not self._stop:
+            self._failed_starts = 0 if worker.info else self._failed_starts + 1
+            if self._failed_starts >= MAX_FAILED_STARTS:
+                log.error("workers die before they are ready (%d in a row; see the log above): not restarting",
+                          self._failed_starts)
+                for job in self.queue:
+                    self._reply(job.client, error_header(job.request_id, "WorkerStartError", self._broken_message()))
+                self.queue.clear()
+            elif not self._stop:
                 self._spawn_worker()
 
     # ---------------------------------------------------------------- messages
@@ -333,6 +341,8 @@ class InferenceServer:
             job = self._find_job(client, header.get("target"))
             if job is not None:
                 job.last_seen = time.monotonic()
+        elif self._failed_starts >= MAX_FAILED_STARTS and not self.free:
+            self._reply(client, error_header(request_id, "WorkerStartError", self._broken_message()))
         else:
             self.queue.append(_Job(client, request_id, frames, size))
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "event",
@@ -364,6 +374,10 @@ class InferenceServer:
             self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "ok", "record": record})
         except (LiverSegError, ValueError) as exc:
             self._reply(client, error_header(request_id, type(exc).__name__, str(exc)))
+
+    def _broken_message(self) -> str:
+        return (f"the server's workers cannot start (the model {self.model or 'default'!s} failed to load "
+                "on the server, see its log); nothing can be segmented until it is restarted")
 
     def _find_job(self, client: bytes, request_id) -> Optional[_Job]:
         running = [w.job for w in self.workers.values() if w.job]

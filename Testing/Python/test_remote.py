@@ -369,3 +369,16 @@ def test_submit_to_the_server_queue(tmp_path, sample_case):
             client.submit(image, reference == 1)
     finally:
         stop(proc)
+
+
+def test_workers_that_cannot_load_the_model_give_a_clear_error(tmp_path, sample_case):
+    image, _ = sample_case
+    proc, address = start_server("--model", tmp_path / "no-such-model", workers=1)
+    try:
+        with InferenceClient(address, idle_timeout_s=60) as client:
+            with pytest.raises(RemoteError, match="cannot start") as err:
+                client.segment(image)
+            assert err.value.kind == "WorkerStartError"
+            assert client.info()["workers"] == 0  # the broker still answers
+    finally:
+        stop(proc)
