@@ -6,6 +6,7 @@ Slicer stores geometry in RAS; the core works in LPS (ITK/DICOM). Conversions fl
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from typing import Optional, Sequence
 
@@ -76,16 +77,14 @@ def segmentation_from_labels(
     segmentation = segmentation_node.GetSegmentation()
     segmentation.RemoveAllSegments()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
-    labelmap_node = add_volume_node(Volume(labels.astype(np.uint8), geometry), "__labels__", labelmap=True)
-    try:
+    with _temporary_nodes():
+        labelmap_node = add_volume_node(Volume(labels.astype(np.uint8), geometry), "__labels__", labelmap=True)
         for cls in classes:
             segment_id = segmentation.AddEmptySegment(cls["name"], cls["name"], list(cls["color"]))
             mask = (labels == cls["label"]).astype(np.uint8)
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation_node, segment_id, labelmap_node)
             if cls.get("terminology"):
                 segmentation.GetSegment(segment_id).SetTag("TerminologyEntry", terminology_string(cls["terminology"]))
-    finally:
-        _remove_node(labelmap_node)
     return segmentation_node
 
 
@@ -107,24 +106,31 @@ def labels_from_segmentation(segmentation_node, reference_volume_node, classes: 
     out = np.zeros(shape, dtype=np.uint8)
     if ids.GetNumberOfValues() == 0:
         return out
-    labelmap_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
-    try:
+    with _temporary_nodes():
+        labelmap_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
         logic = slicer.modules.segmentations.logic()
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap_node, reference_volume_node):
             raise RuntimeError("Exporting the segmentation to a labelmap failed")
         exported = slicer.util.arrayFromVolume(labelmap_node)
         for value, label in labels_for_value.items():
             out[exported == value] = label
-    finally:
-        _remove_node(labelmap_node)
     return out
 
 
-def _remove_node(node):
-    display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
-    if display is not None and display.GetColorNode() is not None and display.GetColorNode().GetName().startswith("__"):
-        slicer.mrmlScene.RemoveNode(display.GetColorNode())
-    slicer.mrmlScene.RemoveNode(node)
+@contextlib.contextmanager
+def _temporary_nodes():
+    """Remove every node added to the scene inside the block: a temporary labelmap brings display
+    and colour-table nodes with it, and the readout is recomputed on every edit, so anything left
+    behind would pile up in the operator's scene."""
+    scene = slicer.mrmlScene
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before:
+                scene.RemoveNode(node)
 
 
 # ----------------------------------------------------------------------------- readouts

@@ -87,9 +87,12 @@ def test_geometry_round_trip_oblique(bridge, tmp_path):
 def liver_segmentation(bridge, sample_case, sample_result, default_model):
     image, _ = sample_case
     volume_node = bridge.add_volume_node(image, "sample")
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
     seg_node = bridge.segmentation_from_labels(
         sample_result.labels, image.geometry, default_model.classes, volume_node
     )
+    added = slicer.mrmlScene.GetNumberOfNodes() - nodes
+    assert added == 2  # the segmentation and its display node, no temporary leftovers
     return volume_node, seg_node
 
 
@@ -116,7 +119,9 @@ def test_readout_follows_an_edit(bridge, liver_segmentation, sample_result, defa
 
     volume_node, seg_node = liver_segmentation
     classes = default_model.classes
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
     before = bridge.readouts_from_segmentation(seg_node, volume_node, classes)["volumes_ml"]["liver"]
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes  # a readout leaves no temporary nodes behind
     segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("liver")
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
     z = int(np.argmax(mask.sum(axis=(1, 2))))
