@@ -20,23 +20,15 @@ from typing import Callable, Optional
 from .audit import write_audit
 from .errors import LiverSegError
 from .guidance import slices_to_check
-from .imageio import read_volume
+from .imageio import IMAGE_SUFFIXES, read_volume, split_image_suffix
 from .pipeline import segment_case, write_segmentation
 from .qa import overlay_mosaic
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 FF_TAGS = ("_ff", "_pdff")
 NOT_SCANS = re.compile(r"label|mask|seg", re.IGNORECASE)
 COLUMNS = ["case", "status", "liver_volume_ml", "ff_median", "ff_mean", "steatosis", "model", "model_version",
            "uncertain_voxels", "slices_to_check", "seconds", "source", "ff_map", "input_sha256",
            "segmentation_sha256", "weights_sha256"]
-
-
-def _split_suffix(path: Path) -> tuple[str, str]:
-    for suffix in IMAGE_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)], suffix
-    return path.name, ""
 
 
 def find_cases(study: Path) -> list[dict]:
@@ -46,15 +38,16 @@ def find_cases(study: Path) -> list[dict]:
     for folder in sorted({p.parent for p in study.rglob("*.dcm")}):
         cases.append({"source": folder, "ff": None})
     for path in sorted(study.rglob("*")):
-        stem, suffix = _split_suffix(path)
-        if not path.is_file() or not suffix or NOT_SCANS.search(stem) or stem.lower().endswith(FF_TAGS):
+        stem, suffix = split_image_suffix(path.name)
+        if (not path.is_file() or suffix in ("", ".seg.nrrd") or NOT_SCANS.search(stem)
+                or stem.lower().endswith(FF_TAGS)):
             continue
         ff = next((p for tag in FF_TAGS for sfx in IMAGE_SUFFIXES if (p := path.with_name(stem + tag + sfx)).exists()),
                   None)
         cases.append({"source": path, "ff": ff})
     for case in cases:
         relative = case["source"].relative_to(study)
-        stem = _split_suffix(relative)[0] if case["source"].is_file() else relative.as_posix()
+        stem = split_image_suffix(relative.name)[0] if case["source"].is_file() else relative.as_posix()
         case["case"] = re.sub(r"[^A-Za-z0-9._-]+", "__", str(Path(relative.parent, stem).as_posix())).strip("_")
     return cases
 

@@ -48,15 +48,6 @@ class _ProgressLines:
         pass
 
 
-def _stem(path: Path) -> Path:
-    """``out/case.seg.nrrd`` -> ``out/case`` (every image extension removed)."""
-    path = Path(path)
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if path.name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)])
-    return path
-
-
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
@@ -88,7 +79,7 @@ def _load_segmenter(args):
 
 def cmd_segment(args) -> int:
     from .audit import write_audit
-    from .imageio import read_volume
+    from .imageio import read_volume, split_image_suffix
     from .pipeline import format_readout, segment_case, write_segmentation
     from .qa import overlay_mosaic
 
@@ -106,7 +97,7 @@ def cmd_segment(args) -> int:
     finally:
         progress.close()
     written = write_segmentation(args.output, result)
-    audit = write_audit(_stem(written).with_name(_stem(written).name + ".audit.json"), readout["audit"])
+    audit = write_audit(written.with_name(split_image_suffix(written.name)[0] + ".audit.json"), readout["audit"])
     print(format_readout(readout))
     check = readout["review"]["slices_to_check"]
     print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")

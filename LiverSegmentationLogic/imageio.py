@@ -13,6 +13,18 @@ import SimpleITK as sitk
 from .errors import ImageReadError, InvalidImageError
 
 
+#: file name endings of the image formats the tools write or look for (longest first)
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def split_image_suffix(name: str) -> tuple[str, str]:
+    """``"case7.seg.nrrd"`` -> ``("case7", ".seg.nrrd")``; ``("notes.txt", "")`` for other files."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where a voxel grid lies in LPS patient space, in SimpleITK/ITK conventions.
