@@ -1,6 +1,7 @@
 """One case end to end: segment a volume, read out volumes and fat fraction, write the results.
 
-Local inference, the CLI and (later) the inference server all call :func:`segment_case`.
+Local inference, the CLI, batch, the background job of the Slicer panel and the inference server
+all call :func:`segment_case`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
 from .imageio import Volume, write_labelmap, write_seg_nrrd
 from .inference import ProgressCallback, SegmentationResult, Segmenter
-from .readouts import DEFAULT_MARGIN_MM, fat_fraction_readout, label_volume_ml
+from .readouts import DEFAULT_MARGIN_MM, segmentation_readouts
 
 
 def segment_case(
@@ -39,16 +40,8 @@ def segment_case(
     """
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
     t0 = time.perf_counter()
-    readout = {
-        "volumes_ml": {c["name"]: label_volume_ml(result.labels, result.geometry, c["label"]) for c in result.classes},
-        "fat_fraction": None,
-        "model": result.model,
-    }
-    if ff_map is not None:
-        liver = next((c for c in result.classes if c["name"] == "liver"), None)
-        if liver is not None:
-            mask = Volume(result.labels == liver["label"], result.geometry)
-            readout["fat_fraction"] = fat_fraction_readout(mask, ff_map, margin_mm=margin_mm, unit=ff_unit)
+    readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit)
+    readout["model"] = result.model
     if result.slice_uncertainty is not None:
         flagged = slices_to_check(result.slice_uncertainty)
         positions = axial_slice_positions(result.geometry, result.labels.shape)

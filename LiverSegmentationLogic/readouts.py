@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -123,6 +123,27 @@ def fat_fraction_readout(
         "unit": unit,
         "steatosis": bool(median > STEATOSIS_THRESHOLD_PERCENT),
     }
+
+
+def segmentation_readouts(
+    labels: np.ndarray,
+    geometry: Geometry,
+    classes: Sequence[dict],
+    ff_map: Optional[Volume] = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    ff_unit: str = "auto",
+) -> dict:
+    """The readouts of a labelmap: ``volumes_ml`` per class name and ``fat_fraction`` (measured in
+    the class named "liver"; None without a map or without a liver class)."""
+    readout = {
+        "volumes_ml": {c["name"]: label_volume_ml(labels, geometry, c["label"]) for c in classes},
+        "fat_fraction": None,
+    }
+    liver = next((c for c in classes if c["name"] == "liver"), None)
+    if ff_map is not None and liver is not None:
+        readout["fat_fraction"] = fat_fraction_readout(Volume(labels == liver["label"], geometry), ff_map,
+                                                       margin_mm=margin_mm, unit=ff_unit)
+    return readout
 
 
 def dixon_fat_fraction(in_phase: Volume, opposed_phase: Volume, min_signal_fraction: float = 0.05) -> Volume:

@@ -16,7 +16,7 @@ import slicer.util
 import vtk
 
 from LiverSegmentationLogic.imageio import Geometry, Volume, terminology_string
-from LiverSegmentationLogic.readouts import fat_fraction_readout, label_volume_ml
+from LiverSegmentationLogic.readouts import segmentation_readouts
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -144,15 +144,9 @@ def readouts_from_segmentation(
 ) -> dict:
     """Volumes (mL) per class and the liver PDFF of the *current* segmentation (edits included)."""
     labels = labels_from_segmentation(segmentation_node, reference_volume_node, classes)
-    geometry = geometry_from_volume_node(reference_volume_node)
-    readout = {"volumes_ml": {c["name"]: label_volume_ml(labels, geometry, c["label"]) for c in classes},
-               "fat_fraction": None}
-    liver = next((c for c in classes if c["name"] == "liver"), None)
-    if ff_volume_node is not None and liver is not None:
-        readout["fat_fraction"] = fat_fraction_readout(
-            Volume(labels == liver["label"], geometry), volume_from_node(ff_volume_node), margin_mm, ff_unit
-        )
-    return readout
+    ff_map = volume_from_node(ff_volume_node) if ff_volume_node is not None else None
+    return segmentation_readouts(labels, geometry_from_volume_node(reference_volume_node), classes, ff_map,
+                                 margin_mm, ff_unit)
 
 
 def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
