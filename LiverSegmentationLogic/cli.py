@@ -1,4 +1,4 @@
-"""The ``liverseg`` command: segment, batch, evaluate, demo, serve, keys, queue."""
+"""The ``liverseg`` command: segment, batch, evaluate, demo, serve, keys, queue, tasks, train, finetune, models."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def cmd_segment(args) -> int:
     from .pipeline import format_readout, segment_case, write_segmentation
     from .qa import overlay_mosaic
 
-    volume = read_volume(args.input)
+    channels = [read_volume(path) for path in args.input]
+    volume = channels[0] if len(channels) == 1 else channels
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
     progress = _ProgressLines() if args.progress_lines else _ProgressBar(not args.quiet)
     options = dict(margin_mm=args.margin_mm, ff_unit=args.ff_unit, progress=progress)
@@ -91,9 +92,10 @@ def cmd_segment(args) -> int:
         if args.server:
             with _client(args) as client:
                 result, readout = client.segment(volume, ff_map, **options)
-            readout["audit"]["input"]["source"] = str(args.input)
+            readout["audit"]["input"]["source"] = str(args.input[0])
         else:
-            result, readout = segment_case(_load_segmenter(args), volume, ff_map, source=str(args.input), **options)
+            result, readout = segment_case(_load_segmenter(args), volume, ff_map, source=str(args.input[0]),
+                                           **options)
     finally:
         progress.close()
     written = write_segmentation(args.output, result)
@@ -103,7 +105,7 @@ def cmd_segment(args) -> int:
     print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")
     print(f"segmentation written to {written}\naudit record written to {audit}")
     if args.png:
-        print(f"QA mosaic written to {overlay_mosaic(volume, result.labels, result.classes, args.png)}")
+        print(f"QA mosaic written to {overlay_mosaic(channels[0], result.labels, result.classes, args.png)}")
     if args.json:
         Path(args.json).write_text(json.dumps(readout, indent=2) + "\n")
         print(f"readout written to {args.json}")
@@ -180,6 +182,81 @@ def cmd_queue(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from .catalog import active_model
+    from .tasks import list_tasks
+
+    for task in list_tasks():
+        model = active_model(task.name)
+        classes = ", ".join(c["name"] for c in task.class_entries())
+        cascade = f"; cascade after {task.cascade['roi_task']}" if task.cascade else ""
+        print(f"{task.name:<24} {task.spec.get('modality', ''):<3} in: {', '.join(task.channels)}; "
+              f"classes: {classes}{cascade}; model: {model.ref if model else 'none (train one)'}")
+        if args.verbose:
+            print(f"    {task.spec.get('description', '')}\n    file: {task.path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .model_training import train_task
+    from .tasks import load_task
+
+    task = load_task(args.task)
+    train_task(
+        task,
+        args.datasets,
+        output=Path(args.output) if args.output else None,
+        version=args.version,
+        epochs=args.epochs,
+        time_budget_s=args.time_budget,
+        validation=args.validation,
+        folds=args.folds,
+        seed=args.seed,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        activate=True if args.activate else None,
+    )
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetuning import finetune
+
+    result = finetune(
+        args.base,
+        args.queue,
+        replay=args.replay,
+        replay_cases=args.replay_cases,
+        epochs=args.epochs,
+        time_budget_s=args.time_budget,
+        learning_rate=args.learning_rate,
+        tolerance=args.tolerance,
+        seed=args.seed,
+    )
+    return 0 if result.promoted else 3
+
+
+def cmd_models(args) -> int:
+    from .catalog import activate, active_model, find_model, list_models
+
+    if args.action == "list":
+        for e in list_models():
+            current = active_model(e.name)
+            flag = "*" if current is not None and current.folder == e.folder else " "
+            dice = e.card.get("validation", {}).get("mean_dice", {})
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            note = e.card.get("promotion", {})
+            status = "" if not note else (" promoted" if note.get("promoted") else " NOT promoted")
+            print(f"{flag} {e.ref:<36} {'bundled' if e.bundled else 'registry':<8}{status}  {scores}")
+        print("* = active")
+    elif args.action == "activate":
+        entry = activate(args.model)
+        print(f"{entry.name}: {entry.ref} is now active")
+    else:
+        entry = find_model(args.model)
+        print(json.dumps({"ref": entry.ref, "folder": str(entry.folder), **entry.card}, indent=2))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .errors import InvalidImageError
     from .imageio import read_volume
@@ -243,14 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):
-        p.add_argument("--model", default=None, help="model name, folder or model_card.json (default: liver-mr-t2)")
+        p.add_argument("--model", default=None,
+                       help="model name (its active version), name@version, folder or model_card.json "
+                            "(default: liver-mr-t2)")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
         p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
         p.add_argument("--margin-mm", type=float, default=3.0, help="erosion from the liver border for PDFF")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("segment", help="segment a scan and print the readouts")
-    p.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("input", nargs="+",
+                   help="NIfTI/NRRD/MHA file or DICOM series folder; one per channel for multi-channel tasks")
     p.add_argument("-o", "--output", required=True, help="output .seg.nrrd, .nrrd, .nii.gz or .mha")
     p.add_argument("--ff", help="fat-fraction (PDFF) map, any grid")
     p.add_argument("--ff-unit", choices=["auto", "percent", "fraction"], default="auto")
@@ -303,6 +383,45 @@ def build_parser() -> argparse.ArgumentParser:
     for action in qsub.choices.values():
         action.add_argument("--queue", default="liverseg-queue", help="queue folder (default ./liverseg-queue)")
     p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("tasks", help="list the segmentation tasks and their active models")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("train", help="train a task's model on labelled datasets")
+    p.add_argument("datasets", nargs="+", help="dataset folders (nnU-Net imagesTr/labelsTr, or image_N + label_N)")
+    p.add_argument("--task", required=True, help="task name (see 'liverseg tasks') or task file")
+    p.add_argument("-o", "--output", help="model folder (default: a new version in the registry)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--epochs", type=int, help="default: the task's")
+    p.add_argument("--time-budget", type=float, help="seconds of training at most")
+    p.add_argument("--validation", nargs="*", help="case names to hold out (default: the task's, else a fifth)")
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation (k trainings) for the metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="checkpoint file: written each epoch, resumed from if present")
+    p.add_argument("--activate", action="store_true", help="make the new version active")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on the queue; activate it only if it validates")
+    p.add_argument("--base", default=None, help="model to start from (default: the active liver-mr-t2)")
+    p.add_argument("--queue", default="liverseg-queue", help="queue folder (default ./liverseg-queue)")
+    p.add_argument("--replay", help="the base model's training dataset: replay cases + regression check")
+    p.add_argument("--replay-cases", type=int, help="replay cases mixed in (default: as many as queued, >= 2)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--time-budget", type=float, default=480.0, help="seconds of training at most (default 480)")
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest allowed Dice loss on the base validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("models", help="the model registry: list, activate, info")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="every model version; * marks the active one of each name")
+    m = msub.add_parser("activate", help="make name@version the active version of its name")
+    m.add_argument("model")
+    m = msub.add_parser("info", help="print a model's card")
+    m.add_argument("model", help="name (active version) or name@version")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("evaluate", help="compare a segmentation with a reference")
     p.add_argument("prediction")

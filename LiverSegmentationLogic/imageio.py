@@ -89,6 +89,14 @@ class Volume:
         return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image))
 
 
+def crop_volume(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+    """The sub-volume ``array[box]`` (numpy k, j, i slices with steps of 1) with its true geometry."""
+    start_kji = np.array([b.start or 0 for b in box], dtype=float)
+    g = volume.geometry
+    origin = np.asarray(g.origin) + g.direction_matrix @ (start_kji[::-1] * np.asarray(g.spacing))
+    return Volume(volume.array[box], Geometry(g.spacing, tuple(float(o) for o in origin), g.direction))
+
+
 def read_volume(path: str | os.PathLike, validate: bool = True) -> Volume:
     """Read a NIfTI, NRRD, MHA (anything SimpleITK reads) file or a DICOM series folder.
 

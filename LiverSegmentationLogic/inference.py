@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from .errors import CancelledError
-from .imageio import Volume, validate_volume
+from .errors import CancelledError, InvalidImageError, ModelLoadError
+from .imageio import Volume, crop_volume, validate_volume
 from .models import LoadedModel
 from .postprocessing import postprocess_labels
 from .preprocessing import neighbour_stack, prepare_volume
@@ -82,7 +83,8 @@ class Segmenter:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.network = model.network.to(self.device, memory_format=memory_format).eval()
         self.config = model.preprocess
-        self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes}
+        own = set(model.card.get("output_labels", [])) or {int(c["label"]) for c in model.classes}
+        self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes if c["label"] in own}
         # network output channel -> label written out (0 hides a class the network was trained on
         # only to tell it apart, e.g. spleen and kidneys in the liver model)
         n_out = model.network.config["n_classes"]
@@ -92,30 +94,85 @@ class Segmenter:
         # sums output probabilities per written label, so uncertainty is about what the user sees
         # (a liver-only model hesitating between spleen and background is not a liver question)
         self._to_written = torch.nn.functional.one_hot(self.output_labels.long()).float().to(self.device)
+        self.roi = None
+        cascade = model.card.get("cascade")
+        if cascade:  # a second-stage model: its first stage is a model folder inside its own
+            from .models import load_model
+
+            roi_model = load_model(model.folder / cascade.get("roi_model", "roi"), device=self.device)
+            self.roi = Segmenter(roi_model, self.device, batch_size, channels_last)
+            roi_labels = [c["label"] for c in roi_model.classes if c["name"] == cascade["roi_class"]]
+            if not roi_labels:
+                raise ModelLoadError(f"{model.name_version}: its first stage has no class {cascade['roi_class']!r}")
+            self.roi_label = int(roi_labels[0])
+            self.roi_margin_mm = float(cascade.get("margin_mm", 10.0))
 
     def segment(
         self,
-        volume: Volume,
+        volume: Volume | Sequence[Volume],
         progress: Optional[ProgressCallback] = None,
         cancel=None,
     ) -> SegmentationResult:
         """Segment a volume; the labelmap lands on the input grid.
 
         Args:
-            volume: the input scan.
-            progress: called as ``progress(done_slices, total_slices, "inference")``.
+            volume: the input scan, or one scan per input channel of the model (in the order of
+                the card's ``channels``, all on one grid).
+            progress: called as ``progress(done_slices, total_slices, stage)``.
             cancel: a ``threading.Event``-like object or a callable; when set/true the work stops
                 between batches with :class:`CancelledError`.
         """
-        validate_volume(volume)
-        is_cancelled = _cancel_check(cancel)
+        volumes = [volume] if isinstance(volume, Volume) else list(volume)
+        n = self.config.channels
+        if len(volumes) != n:
+            names = ", ".join(self.model.card.get("channels", [])) or f"{n} image(s)"
+            raise InvalidImageError(f"Model {self.model.name_version} takes {n} input image(s) ({names}), "
+                                    f"got {len(volumes)}")
+        for i, v in enumerate(volumes):
+            validate_volume(v, name=f"input image {i + 1}" if n > 1 else "image")
+            if i and (v.array.shape != volumes[0].array.shape or not v.geometry.allclose(volumes[0].geometry)):
+                raise InvalidImageError(f"Input image {i + 1} is not on the grid of input image 1")
+        if self.roi is None:
+            return self._segment_stage(volumes, progress, _cancel_check(cancel))
+        return self._segment_cascade(volumes, progress, _cancel_check(cancel))
+
+    def _segment_cascade(self, volumes: list[Volume], progress, is_cancelled) -> SegmentationResult:
+        """First stage: the ROI model (e.g. liver); second: this model inside the ROI (e.g. lesions)."""
+        first = self.roi._segment_stage(volumes, _staged(progress, "1/2"), is_cancelled)
+        labels = first.labels.copy()
+        roi = labels == self.roi_label
+        timings = {f"{k} (stage 1)": v for k, v in first.timings.items()}
+        if roi.any():
+            spacing_zyx = volumes[0].geometry.spacing[::-1]
+            grown = ndimage.distance_transform_edt(~roi, sampling=spacing_zyx) <= self.roi_margin_mm
+            box = ndimage.find_objects(grown.astype(np.uint8))[0]
+            second = self._segment_stage([crop_volume(v, box) for v in volumes], _staged(progress, "2/2"),
+                                         is_cancelled, roi_mask=grown[box])
+            inside = roi[box] & (second.labels > 0)
+            labels[box][inside] = second.labels[inside]  # labels[box] is a view: writes into labels
+            timings.update({f"{k} (stage 2)": v for k, v in second.timings.items()})
+        return SegmentationResult(
+            labels=labels,
+            geometry=volumes[0].geometry,
+            classes=self.model.classes,
+            model=dict(self._model_record(), roi_model=first.model),
+            timings=timings,
+            slice_uncertainty=first.slice_uncertainty,
+        )
+
+    def _model_record(self) -> dict:
+        return {k: self.model.card[k] for k in ("name", "version", "sha256")}
+
+    def _segment_stage(self, volumes: list[Volume], progress, is_cancelled, roi_mask=None) -> SegmentationResult:
+        """This model's network over the whole of ``volumes`` (one per channel, validated)."""
         timings = {}
         t0 = time.perf_counter()
-        prepared = prepare_volume(volume.array, volume.geometry, self.config)
+        array = volumes[0].array if len(volumes) == 1 else np.stack([v.array for v in volumes])
+        prepared = prepare_volume(array, volumes[0].geometry, self.config, roi_mask=roi_mask)
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        n_slices = prepared.image.shape[0]
+        n_slices = prepared.axial_shape[0]
         axial_labels = np.zeros(prepared.axial_shape, dtype=np.uint8)
         uncertainty = np.zeros(n_slices, dtype=np.int64)
         k = self.config.neighbours
@@ -143,13 +200,16 @@ class Segmenter:
         timings["postprocess"] = time.perf_counter() - t0
         return SegmentationResult(
             labels=labels,
-            geometry=volume.geometry,
+            geometry=volumes[0].geometry,
             classes=self.model.classes,
-            model={
-                "name": self.model.card["name"],
-                "version": self.model.card["version"],
-                "sha256": self.model.card["sha256"],
-            },
+            model=self._model_record(),
             timings=timings,
             slice_uncertainty=uncertainty,
         )
+
+
+def _staged(progress: Optional[ProgressCallback], stage: str) -> Optional[ProgressCallback]:
+    """Progress of one stage of a cascade, named e.g. "inference 1/2"."""
+    if progress is None:
+        return None
+    return lambda done, total, name: progress(done, total, f"{name} {stage}")

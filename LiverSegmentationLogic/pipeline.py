@@ -40,7 +40,8 @@ def segment_case(
     """
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
     t0 = time.perf_counter()
-    readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit)
+    kinds = segmenter.model.card.get("readouts", ["volume", "fat_fraction"])
+    readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit, kinds)
     readout["model"] = result.model
     if result.slice_uncertainty is not None:
         flagged = slices_to_check(result.slice_uncertainty)
@@ -75,6 +76,14 @@ def format_readout(readout: dict) -> str:
     rows = [("model", f"{readout['model']['name']} {readout['model']['version']}")]
     for name, ml in readout["volumes_ml"].items():
         rows.append((f"{name} volume", f"{ml:.1f} mL"))
+    lesions = readout.get("lesions")
+    if lesions:
+        burden = lesions["burden_percent"]
+        rows += [
+            ("lesion count", str(lesions["count"])),
+            ("lesion volume", f"{lesions['total_volume_ml']:.1f} mL"),
+            ("lesion burden", "n/a (no liver)" if burden is None else f"{burden:.2f} % of the liver"),
+        ]
     ff = readout.get("fat_fraction")
     if ff:
         rows += [
@@ -84,7 +93,7 @@ def format_readout(readout: dict) -> str:
             ("PDFF voxels", f"{ff['n_voxels']} (margin {ff['margin_mm']:g} mm, map in {ff['unit']})"),
             ("steatosis (> 5.56 %)", "YES" if ff["steatosis"] else "no"),
         ]
-    else:
+    elif "liver" in readout["volumes_ml"]:
         rows.append(("liver PDFF", "n/a (no fat-fraction map given)"))
     timings = readout.get("timings", {})
     if timings:

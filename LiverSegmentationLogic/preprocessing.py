@@ -28,12 +28,15 @@ class PreprocessConfig:
             percentiles, then min-max to 0-1; the default, suited to MR) or
             ``{"method": "window", "center": C, "width": W}`` (a fixed window, suited to CT).
         multiple: pad the in-plane size up to a multiple of this (the U-Net's total stride).
+        channels: input images per case (e.g. 2 for a fat + water Dixon pair), each normalised
+            on its own; the model sees channels x (2k + 1) planes.
     """
 
     spacing_xy: tuple[float, float] = (2.0, 2.0)
     neighbours: int = 1
     intensity: dict = field(default_factory=lambda: {"method": "percentile", "lower": 0.5, "upper": 99.5})
     multiple: int = 16
+    channels: int = 1
 
     def __post_init__(self):
         if len(self.spacing_xy) != 2 or min(self.spacing_xy) <= 0:
@@ -42,6 +45,8 @@ class PreprocessConfig:
             raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}")
         method = self.intensity.get("method")
         if method == "percentile":
             if not 0 <= self.intensity["lower"] < self.intensity["upper"] <= 100:
@@ -54,7 +59,7 @@ class PreprocessConfig:
 
     @property
     def in_channels(self) -> int:
-        return 2 * self.neighbours + 1
+        return self.channels * (2 * self.neighbours + 1)
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +67,7 @@ class PreprocessConfig:
             "neighbours": self.neighbours,
             "intensity": dict(self.intensity),
             "multiple": self.multiple,
+            "channels": self.channels,
         }
 
     @classmethod
@@ -71,6 +77,7 @@ class PreprocessConfig:
             neighbours=int(d["neighbours"]),
             intensity=dict(d["intensity"]),
             multiple=int(d.get("multiple", 16)),
+            channels=int(d.get("channels", 1)),
         )
 
 
@@ -118,9 +125,21 @@ class AxialReorientation:
         return np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.inverse_axes))
 
 
-def normalise_intensity(array: np.ndarray, intensity: dict) -> np.ndarray:
-    """Clip (to percentiles or a window) and rescale to 0-1, as float32."""
+def normalise_intensity(array: np.ndarray, intensity: dict, mask: np.ndarray | None = None) -> np.ndarray:
+    """Clip (to percentiles or a window) and rescale to 0-1, as float32.
+
+    Args:
+        mask: when given, percentiles are taken inside it only and voxels outside become 0 (the
+            second stage of a cascade sees only its region of interest, windowed to that region).
+    """
     array = np.asarray(array, dtype=np.float32)
+    if mask is not None:
+        if not mask.any():
+            return np.zeros_like(array)
+        out = normalise_intensity(array[mask], intensity)
+        result = np.zeros_like(array)
+        result[mask] = out
+        return result
     if intensity["method"] == "percentile":
         lo, hi = np.percentile(array, [intensity["lower"], intensity["upper"]])
     else:
@@ -136,7 +155,7 @@ def normalise_intensity(array: np.ndarray, intensity: dict) -> np.ndarray:
 class PreparedVolume:
     """A volume on the model grid plus what is needed to map predictions back."""
 
-    image: np.ndarray  # (Z, H, W) float32, normalised, resampled, padded
+    image: np.ndarray  # (Z, H, W) float32, normalised, resampled, padded; (C, Z, H, W) for C > 1 channels
     reorientation: AxialReorientation
     axial_shape: tuple[int, int, int]  # (Z, h, w) after reorientation, before resampling
     resampled_hw: tuple[int, int]  # (H', W') before padding
@@ -185,15 +204,28 @@ def pad_amounts(hw: tuple[int, int], multiple: int) -> tuple[int, int, int, int]
     return (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
 
 
-def prepare_volume(array: np.ndarray, geometry: Geometry, config: PreprocessConfig) -> PreparedVolume:
-    """Input (k, j, i) array + geometry -> the model-grid volume, with its inverse information."""
+def prepare_volume(
+    array: np.ndarray, geometry: Geometry, config: PreprocessConfig, roi_mask: np.ndarray | None = None
+) -> PreparedVolume:
+    """Input (k, j, i) array, or (C, k, j, i) for C channels, + geometry -> the model-grid volume,
+    with its inverse information.
+
+    Args:
+        roi_mask: (k, j, i) boolean; when given, intensities are normalised inside it and zero outside.
+    """
+    channels = array[None] if array.ndim == 3 else array
+    if channels.shape[0] != config.channels:
+        raise ValueError(f"the model takes {config.channels} input channel(s), got {channels.shape[0]}")
     reorientation = AxialReorientation(geometry)
-    axial = normalise_intensity(reorientation.forward(array), config.intensity)
-    size = model_grid_size(axial.shape, reorientation.spacing_zyx, config)
-    resampled = resample_in_plane(axial, size)
-    pad = pad_amounts(size, config.multiple)
-    padded = np.pad(resampled, ((0, 0), pad[:2], pad[2:]), mode="constant", constant_values=0.0)
-    return PreparedVolume(np.ascontiguousarray(padded), reorientation, tuple(axial.shape), size, pad)
+    mask = None if roi_mask is None else np.ascontiguousarray(reorientation.forward(roi_mask.astype(bool)))
+    planes = []
+    for channel in channels:
+        axial = normalise_intensity(reorientation.forward(channel), config.intensity, mask)
+        size = model_grid_size(axial.shape, reorientation.spacing_zyx, config)
+        pad = pad_amounts(size, config.multiple)
+        planes.append(np.pad(resample_in_plane(axial, size), ((0, 0), pad[:2], pad[2:]), constant_values=0.0))
+    image = planes[0] if len(planes) == 1 else np.stack(planes)
+    return PreparedVolume(np.ascontiguousarray(image), reorientation, tuple(axial.shape), size, pad)
 
 
 def prepare_labels(labels: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
@@ -207,10 +239,15 @@ def prepare_labels(labels: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
 def neighbour_stack(image: np.ndarray, slices: np.ndarray | list[int], k: int) -> np.ndarray:
     """2.5D input: for each slice index, the slice and k neighbours on each side (edges replicated).
 
+    Args:
+        image: (Z, H, W), or (C, Z, H, W) for several input channels.
+
     Returns:
-        (len(slices), 2k + 1, H, W) array; channel k is the slice itself.
+        (len(slices), C x (2k + 1), H, W) array; for one channel, channel k is the slice itself.
     """
     slices = np.asarray(slices)
     offsets = np.arange(-k, k + 1)
+    if image.ndim == 4:
+        return np.concatenate([neighbour_stack(channel, slices, k) for channel in image], axis=1)
     index = np.clip(slices[:, None] + offsets[None, :], 0, image.shape[0] - 1)
     return image[index]

@@ -125,6 +125,22 @@ def fat_fraction_readout(
     }
 
 
+def lesion_readout(labels: np.ndarray, geometry: Geometry, lesion_label: int, liver_label: Optional[int]) -> dict:
+    """Lesion count (26-connected components), total volume (mL) and burden: lesion volume as a
+    percentage of the liver including its lesions."""
+    lesion = labels == lesion_label
+    components, count = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel())[1:] * geometry.voxel_volume_ml
+    total = float(sizes.sum())
+    liver_ml = label_volume_ml(labels, geometry, liver_label) + total if liver_label is not None else 0.0
+    return {
+        "count": int(count),
+        "total_volume_ml": total,
+        "burden_percent": 100.0 * total / liver_ml if liver_ml > 0 else None,
+        "volumes_ml": sorted((float(v) for v in sizes), reverse=True),
+    }
+
+
 def segmentation_readouts(
     labels: np.ndarray,
     geometry: Geometry,
@@ -132,17 +148,26 @@ def segmentation_readouts(
     ff_map: Optional[Volume] = None,
     margin_mm: float = DEFAULT_MARGIN_MM,
     ff_unit: str = "auto",
+    readouts: Sequence[str] = ("volume", "fat_fraction", "lesions"),
 ) -> dict:
-    """The readouts of a labelmap: ``volumes_ml`` per class name and ``fat_fraction`` (measured in
-    the class named "liver"; None without a map or without a liver class)."""
+    """The readouts of a labelmap: ``volumes_ml`` per class name, ``fat_fraction`` (measured in
+    the class named "liver"; None without a map or without a liver class) and ``lesions`` (for a
+    class named "lesion"; None otherwise).
+
+    Args:
+        readouts: which apply (a model card's ``readouts``); volumes are always given.
+    """
+    by_name = {c["name"]: int(c["label"]) for c in classes}
     readout = {
         "volumes_ml": {c["name"]: label_volume_ml(labels, geometry, c["label"]) for c in classes},
         "fat_fraction": None,
+        "lesions": None,
     }
-    liver = next((c for c in classes if c["name"] == "liver"), None)
-    if ff_map is not None and liver is not None:
-        readout["fat_fraction"] = fat_fraction_readout(Volume(labels == liver["label"], geometry), ff_map,
+    if ff_map is not None and "liver" in by_name and "fat_fraction" in readouts:
+        readout["fat_fraction"] = fat_fraction_readout(Volume(labels == by_name["liver"], geometry), ff_map,
                                                        margin_mm=margin_mm, unit=ff_unit)
+    if "lesion" in by_name and "lesions" in readouts:
+        readout["lesions"] = lesion_readout(labels, geometry, by_name["lesion"], by_name.get("liver"))
     return readout
 
 

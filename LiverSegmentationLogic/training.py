@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from scipy import ndimage
 
-from .imageio import read_volume
+from .imageio import crop_volume, read_volume
 from .metrics import dice
 from .models import LoadedModel
 from .network import UNet2D
@@ -25,25 +27,47 @@ class TrainingCase:
     """One labelled case on the model grid."""
 
     name: str
-    image: np.ndarray  # (Z, H, W) float32
+    image: np.ndarray  # (Z, H, W) float32; (C, Z, H, W) with several input channels
     labels: np.ndarray  # (Z, H, W) uint8, model classes
 
 
-def load_case(image_path, label_path, config: PreprocessConfig, label_map: dict[int, int], name=None) -> TrainingCase:
-    """Read an image + label pair and put both on the model grid.
+def load_case(
+    image_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    label_path: str | os.PathLike,
+    config: PreprocessConfig,
+    label_map: dict[int, int],
+    name: Optional[str] = None,
+    roi: Optional[tuple[Sequence[int], float]] = None,
+) -> TrainingCase:
+    """Read an image (or one image per channel) + label pair and put both on the model grid.
 
     Args:
         label_map: source label value -> model class (values not listed become background).
+        roi: for the second stage of a cascade, ``(label values of the region, margin mm)``: the
+            case is cropped to the region grown by the margin and the image kept inside it only,
+            exactly as :class:`inference.Segmenter` does with the first stage's output.
     """
-    image = read_volume(image_path)
+    paths = [image_paths] if isinstance(image_paths, (str, os.PathLike)) else list(image_paths)
+    images = [read_volume(p) for p in paths]
     labels = read_volume(label_path, validate=False)
-    if labels.array.shape != image.array.shape:
-        raise ValueError(f"{label_path}: shape {labels.array.shape} differs from image {image.array.shape}")
-    mapped = np.zeros(labels.array.shape, dtype=np.uint8)
+    for path, image in zip(paths, images, strict=True):
+        if image.array.shape != labels.array.shape:
+            raise ValueError(f"{label_path}: shape {labels.array.shape} differs from image {path} {image.array.shape}")
+    values = np.rint(labels.array).astype(np.int64)
+    mapped = np.zeros(values.shape, dtype=np.uint8)
     for src, dst in label_map.items():
-        mapped[np.rint(labels.array).astype(np.int64) == int(src)] = dst
-    prepared = prepare_volume(image.array, image.geometry, config)
-    return TrainingCase(name or Path(image_path).name, prepared.image, prepare_labels(mapped, prepared))
+        mapped[values == int(src)] = dst
+    mask = None
+    if roi is not None:
+        region = np.isin(values, list(roi[0]))
+        if not region.any():
+            raise ValueError(f"{label_path}: no voxel of the region labels {list(roi[0])}")
+        mask = ndimage.distance_transform_edt(~region, sampling=images[0].geometry.spacing[::-1]) <= roi[1]
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        images, mapped, mask = [crop_volume(v, box) for v in images], mapped[box], mask[box]
+    array = images[0].array if len(images) == 1 else np.stack([v.array for v in images])
+    prepared = prepare_volume(array, images[0].geometry, config, roi_mask=mask)
+    return TrainingCase(name or Path(paths[0]).name, prepared.image, prepare_labels(mapped, prepared))
 
 
 def augment_batch(
@@ -90,6 +114,8 @@ class TrainConfig:
     background_fraction: float = 0.3  # slices without foreground per foreground slice
     time_budget_s: float = float("inf")
     seed: int = 0
+    #: cross-entropy weight per class (background first); None: all 1
+    class_weights: Optional[Sequence[float]] = None
 
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
@@ -126,7 +152,8 @@ def train_network(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, train.epochs) / train.epochs))
     )
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    weight = None if train.class_weights is None else torch.tensor(train.class_weights, dtype=torch.float32)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
     start_epoch, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own file
@@ -144,6 +171,8 @@ def train_network(
         pairs = sample_slices(cases, rng, train.background_fraction)
         total, count = 0.0, 0
         for s in range(0, len(pairs), train.batch_size):
+            if time.perf_counter() - t_start > train.time_budget_s:
+                break
             chunk = pairs[s : s + train.batch_size]
             if len(chunk) < 2:  # BatchNorm needs more than one sample
                 continue
@@ -182,21 +211,36 @@ def train_network(
     return losses
 
 
-def evaluate_cases(model: LoadedModel, pairs: Sequence[tuple[str, str]], label_map: dict[int, int]) -> dict:
-    """Segment each image with the full pipeline and compute Dice per class on the input grid."""
+def balanced_class_weights(cases: Sequence[TrainingCase], n_classes: int, cap: float = 50.0) -> list[float]:
+    """Cross-entropy weights ~ 1 / sqrt(class frequency), background 1, capped: small classes
+    (lesions) weigh more without drowning the rest."""
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for case in cases:
+        counts += np.bincount(case.labels.ravel(), minlength=n_classes)[:n_classes]
+    counts = np.maximum(counts, 1.0)
+    weights = np.sqrt(counts[0] / counts)
+    return [float(w) for w in np.minimum(weights, cap)]
+
+
+def evaluate_cases(model: LoadedModel, cases: Sequence, reference: dict[str, Sequence[int]]) -> dict:
+    """Segment each case with the full pipeline (cascade included) and compute Dice per class
+    on the input grid.
+
+    Args:
+        cases: :class:`datasets.CaseFiles`.
+        reference: class name -> the label values of the reference that make up that class.
+    """
     from .inference import Segmenter
 
     segmenter = Segmenter(model, device="cpu")
     per_case = {}
-    for image_path, label_path in pairs:
-        image = read_volume(image_path)
-        ref = np.rint(read_volume(label_path, validate=False).array).astype(np.int64)
-        pred = segmenter.segment(image).labels
-        scores = {}
-        for cls in model.classes:
-            src = [s for s, d in label_map.items() if d == cls["label"]]
-            scores[cls["name"]] = dice(pred == cls["label"], np.isin(ref, src))
-        per_case[Path(image_path).name] = scores
+    for case in cases:
+        images = [read_volume(p) for p in case.images]
+        ref = np.rint(read_volume(case.label, validate=False).array).astype(np.int64)
+        pred = segmenter.segment(images).labels
+        per_case[case.case_id] = {
+            c["name"]: dice(pred == c["label"], np.isin(ref, list(reference[c["name"]]))) for c in model.classes
+        }
     names = [c["name"] for c in model.classes]
     mean = {n: float(np.mean([s[n] for s in per_case.values()])) for n in names}
     return {"per_case_dice": per_case, "mean_dice": mean}

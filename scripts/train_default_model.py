@@ -23,7 +23,7 @@ import torch
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.anatomy import class_entry
-from LiverSegmentationLogic.models import LoadedModel, save_model
+from LiverSegmentationLogic.models import LoadedModel, load_model, save_model
 from LiverSegmentationLogic.network import UNet2D
 from LiverSegmentationLogic.preprocessing import PreprocessConfig
 from LiverSegmentationLogic.training import TrainConfig, evaluate_cases, load_case, train_network
@@ -42,6 +42,8 @@ def main():
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--spacing", type=float, default=2.0, help="in-plane model grid, mm")
+    p.add_argument("--init", type=Path, default=None, help="start from this model folder's weights")
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     args = p.parse_args()
 
     config = PreprocessConfig(spacing_xy=(args.spacing, args.spacing), neighbours=2)
@@ -55,7 +57,11 @@ def main():
     cases = [load_case(*pair(n), config, LABEL_MAP, name=f"chaos-mr-t2/{n}") for n in train_ids]
     print(f"loaded {len(cases)} training cases in {time.perf_counter() - t0:.1f}s")
     network = UNet2D(in_channels=config.in_channels, n_classes=5, width=16, depth=4, dropout=0.1)
-    train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget)
+    init = None
+    if args.init is not None:  # continue training a shipped model (warm restart of the schedule)
+        init = load_model(args.init)
+        network.load_state_dict(init.network.state_dict())
+    train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget, learning_rate=args.learning_rate)
     cards = {
         "liver-mr-t2": {
             "name": "liver-mr-t2",
@@ -80,6 +86,8 @@ def main():
             "readouts": ["volume", "fat_fraction"],
         },
     }
+    for card in cards.values():
+        card["initialised_from"] = init and init.name_version
     t0 = time.perf_counter()
     losses = train_network(network, cases, config, train, checkpoint=args.checkpoint)
     train_s = time.perf_counter() - t0
@@ -105,6 +113,7 @@ def _finish_card(card, validation, train_ids, train, losses, train_s):
             "validation_patients": VALIDATION,
             "label_map": {str(k): v for k, v in LABEL_MAP.items()},
             "epochs_run": len(losses),
+            "initialised_from": card.pop("initialised_from", None),
             "final_loss": losses[-1],
             "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
             "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}",

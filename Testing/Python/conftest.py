@@ -22,6 +22,25 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """A fresh registry and user-task folder (LIVERSEG_HOME) for the session, also seen by
+    subprocesses, so that tests never read or change the user's ~/.liverseg."""
+    old = os.environ.get("LIVERSEG_HOME")
+    home = tmp_path_factory.mktemp("liverseg-home")
+    os.environ["LIVERSEG_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("LIVERSEG_HOME", None)
+    else:
+        os.environ["LIVERSEG_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def lits_ct() -> Path:
+    return require(LITS_CT)
+
+
 @pytest.fixture(scope="session")
 def chaos_mr() -> Path:
     return require(CHAOS_MR)

@@ -1,0 +1,206 @@
+"""Fine-tuning a model on the corrected cases of the queue, validated before promotion.
+
+What ``liverseg finetune`` runs:
+
+1. start from the base model's weights;
+2. train on the queued cases mixed with a replay sample of the base model's own training data
+   (so the old domain is not forgotten), within a time budget;
+3. compare new and base model on the queued cases and on the base model's validation cases;
+4. write the new version into the registry, and make it active only if it is better on the
+   queued cases and loses no more than ``tolerance`` Dice on any class of the base validation
+   set. Otherwise it is kept, not activated, and the card says why.
+
+The queued labels hold the classes the model writes out. A model that also learnt classes it does
+not show (the liver model's kidneys and spleen) keeps them as the base model predicted them, so
+fine-tuning on liver-only corrections does not teach it that the kidneys are background.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .case_queue import CaseQueue
+from .catalog import activate, new_version_folder
+from .datasets import CaseFiles, find_cases, matches
+from .errors import LiverSegError
+from .imageio import read_volume
+from .models import LoadedModel, load_model, save_model
+from .preprocessing import neighbour_stack, prepare_labels, prepare_volume
+from .training import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
+
+
+class FinetuneError(LiverSegError):
+    """Fine-tuning cannot start (empty queue, unsuitable model, missing data)."""
+
+
+@dataclass
+class FinetuneResult:
+    model: LoadedModel
+    promoted: bool
+    reason: str
+    report: dict
+
+
+def card_reference_values(card: dict) -> dict[str, list[int]]:
+    """Class name -> the dataset label values it is scored against, from a card's label map."""
+    label_map = {int(k): int(v) for k, v in card.get("training", {}).get("label_map", {}).items()}
+    outputs = card.get("output_labels") or list(range(len(card["classes"]) + 1))
+    out = {}
+    for c in card["classes"]:
+        net = {i for i, o in enumerate(outputs) if o == c["label"]}
+        out[c["name"]] = sorted(s for s, d in label_map.items() if d in net)
+    return out
+
+
+def _queued_training_case(model: LoadedModel, case: CaseFiles) -> TrainingCase:
+    """A queued case on the model grid, its written labels turned into network classes; hidden
+    classes come from the base model's own prediction where the correction says background."""
+    config = model.preprocess
+    images = [read_volume(p) for p in case.images]
+    written = np.rint(read_volume(case.label, validate=False).array).astype(np.uint8)
+    array = images[0].array if len(images) == 1 else np.stack([v.array for v in images])
+    prepared = prepare_volume(array, images[0].geometry, config)
+    written = prepare_labels(written, prepared)
+    outputs = model.card.get("output_labels") or list(range(model.network.config["n_classes"]))
+    with torch.inference_mode():
+        predicted = np.concatenate([
+            model.network(torch.from_numpy(neighbour_stack(prepared.image, idx, config.neighbours))).argmax(1).numpy()
+            for idx in np.array_split(np.arange(written.shape[0]), max(1, written.shape[0] // 8))
+        ]).astype(np.uint8)
+    target = np.zeros_like(written)
+    for net_class, label in enumerate(outputs):
+        if net_class and label == 0:  # hidden class: keep the base model's view of it
+            target[(written == 0) & (predicted == net_class)] = net_class
+    for net_class, label in reversed(list(enumerate(outputs))):
+        if label:
+            target[written == label] = net_class
+    return TrainingCase(case.case_id, prepared.image, target)
+
+
+def _mean(scores: dict) -> float:
+    return float(np.mean(list(scores.values()))) if scores else float("nan")
+
+
+def finetune(
+    base: str,
+    queue: str | Path,
+    replay: Optional[str | Path] = None,
+    replay_cases: Optional[int] = None,
+    epochs: int = 20,
+    time_budget_s: float = 480.0,
+    learning_rate: float = 5e-4,
+    tolerance: float = 0.02,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> FinetuneResult:
+    """Fine-tune ``base`` on the cases of ``queue`` and promote the result if it validates.
+
+    Args:
+        base: model reference (name, name@version or folder).
+        queue: fine-tuning queue folder (:class:`case_queue.CaseQueue`).
+        replay: the base model's training dataset folder: replay cases come from its training
+            cases, the regression check from its validation cases (named in the base card).
+            Without it nothing guards the old domain, so the result is never activated.
+        replay_cases: replay cases mixed in (default: as many as queued cases, at least 2).
+        tolerance: largest allowed loss of Dice on any class of the base validation set.
+    """
+    model = load_model(base)
+    card = model.card
+    if card.get("cascade"):
+        raise FinetuneError(f"{model.name_version} is a cascade; fine-tune its stages as separate models")
+    queued = CaseQueue(queue)
+    queued_cases = [CaseFiles(f"queue/{m['case_id']}", (queued.paths(m["case_id"])["image"],),
+                              queued.paths(m["case_id"])["label"]) for m in queued.list()]
+    if not queued_cases:
+        raise FinetuneError(f"The queue {queue} holds no cases")
+    if model.preprocess.channels != 1:
+        raise FinetuneError("The queue holds single-image cases; this model takes several channels")
+    t0 = time.perf_counter()
+    cases = [_queued_training_case(model, c) for c in queued_cases]
+
+    validation_cases: list[CaseFiles] = []
+    replayed: list[CaseFiles] = []
+    if replay is not None:
+        label_map = {int(k): int(v) for k, v in card.get("training", {}).get("label_map", {}).items()}
+        if not label_map:
+            raise FinetuneError(f"{model.name_version}'s card has no training label map; cannot replay its data")
+        held = card.get("validation", {}).get("validation_cases", [])
+        available = find_cases(replay, model.preprocess.channels)
+        validation_cases = [c for c in available if matches(c, held)]
+        pool = [c for c in available if not matches(c, held)]
+        n = max(2, len(queued_cases)) if replay_cases is None else replay_cases
+        rng = np.random.default_rng(seed)
+        replayed = [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
+        cases += [load_case(c.images, c.label, model.preprocess, label_map, name=c.case_id) for c in replayed]
+        if not validation_cases:
+            log(f"warning: none of the base validation cases {held} is in {replay}")
+    log(f"fine-tuning {model.name_version} on {len(queued_cases)} queued + {len(replayed)} replay case(s)")
+
+    network = copy.deepcopy(model.network).train()
+    train = TrainConfig(epochs=epochs, learning_rate=learning_rate, time_budget_s=time_budget_s, seed=seed,
+                        background_fraction=0.3)
+    losses = train_network(network, cases, model.preprocess, train, log=log)
+    train_s = time.perf_counter() - t0
+
+    version, folder = new_version_folder(card["name"], str(card["version"]).split("-")[0], "ft")
+    new_card = dict(card, version=version)
+    save_model(folder, network, new_card)
+    candidate = load_model(folder)
+
+    written = {c["name"]: [c["label"]] for c in card["classes"]}
+    report = {
+        "queued_cases": [c.case_id for c in queued_cases],
+        "queue_before": evaluate_cases(model, queued_cases, written)["mean_dice"],
+        "queue_after": evaluate_cases(candidate, queued_cases, written)["mean_dice"],
+        "base_validation_cases": [c.case_id for c in validation_cases],
+    }
+    if validation_cases:
+        reference = card_reference_values(card)
+        report["base_validation_before"] = evaluate_cases(model, validation_cases, reference)["mean_dice"]
+        report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
+    promoted, reason = _promotion_decision(report, tolerance)
+    new_card.update(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        finetuning={
+            "base": model.name_version,
+            "base_sha256": card["sha256"],
+            "queue": str(Path(queue).resolve()),
+            "replay_cases": [c.case_id for c in replayed],
+            "epochs_run": len(losses),
+            "losses": [round(v, 5) for v in losses],
+            "learning_rate": learning_rate,
+            "wall_time_s": round(train_s, 1),
+        },
+        promotion={"promoted": promoted, "reason": reason, "tolerance": tolerance, **report},
+    )
+    save_model(folder, network, new_card)
+    if promoted:
+        activate(f"{card['name']}@{version}")
+    log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason}")
+    return FinetuneResult(load_model(folder), promoted, reason, report)
+
+
+def _promotion_decision(report: dict, tolerance: float) -> tuple[bool, str]:
+    before, after = _mean(report["queue_before"]), _mean(report["queue_after"])
+    if not after > before:
+        return False, f"not better on the queued cases (Dice {before:.3f} -> {after:.3f})"
+    if "base_validation_before" not in report:
+        return False, ("no base validation data (give --replay with the base model's dataset), "
+                       "so a regression on the original domain could not be ruled out")
+    drops = {n: report["base_validation_before"][n] - report["base_validation_after"][n]
+             for n in report["base_validation_before"]}
+    worst = max(drops, key=drops.get)
+    if drops[worst] > tolerance:
+        return False, (f"regresses on the base validation set: {worst} Dice "
+                       f"{report['base_validation_before'][worst]:.3f} -> {report['base_validation_after'][worst]:.3f} "
+                       f"(tolerance {tolerance})")
+    return True, (f"queued cases Dice {before:.3f} -> {after:.3f}; base validation within tolerance "
+                  f"(largest drop {max(drops[worst], 0.0):.3f} in {worst})")

@@ -1,0 +1,189 @@
+"""Training a task's model from labelled datasets, validating it patient-wise, and writing it
+(weights + card) into the registry or a folder. What ``liverseg train`` runs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .catalog import active_model, active_versions, new_version_folder, resolve_model_folder
+from .datasets import CaseFiles, find_all_cases, k_folds, split_cases
+from .models import LoadedModel, load_model, save_model
+from .network import UNet2D
+from .tasks import Task
+from .training import (
+    TrainConfig,
+    TrainingCase,
+    balanced_class_weights,
+    evaluate_cases,
+    load_case,
+    train_network,
+)
+
+DATA_NOTE = {
+    "chaos-mr-t2": "CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)",
+    "chaos-ct": "CHAOS CT (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)",
+    "lits-ct": "LiTS-derived liver/lesion CT slices (MahlerTom/UnetLiverSegmentation; no real spacing)",
+}
+
+
+def load_task_cases(task: Task, cases: Sequence[CaseFiles]) -> list[TrainingCase]:
+    """Read cases onto the task's model grid (cropped to the region for a cascade's second stage)."""
+    config = task.preprocess_config()
+    roi = None
+    if task.cascade:
+        roi = (task.cascade.get("roi_labels", [1]), float(task.cascade.get("margin_mm", 10.0)))
+    return [load_case(c.images, c.label, config, task.label_map, name=c.case_id, roi=roi) for c in cases]
+
+
+def new_network(task: Task) -> UNet2D:
+    options = {"width": 16, "depth": 4, "dropout": 0.1, **task.spec.get("network", {})}
+    return UNet2D(in_channels=task.preprocess_config().in_channels, n_classes=task.n_classes, **options)
+
+
+def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_budget_s=None, seed=0) -> TrainConfig:
+    weights = task.training_option("class_weights")
+    if weights == "balanced":
+        weights = balanced_class_weights(cases, task.n_classes)
+    defaults = TrainConfig()
+    return TrainConfig(
+        epochs=int(epochs or task.training_option("epochs", defaults.epochs)),
+        batch_size=int(task.training_option("batch_size", defaults.batch_size)),
+        learning_rate=float(task.training_option("learning_rate", defaults.learning_rate)),
+        background_fraction=float(task.training_option("background_fraction", defaults.background_fraction)),
+        time_budget_s=float("inf") if time_budget_s is None else float(time_budget_s),
+        seed=seed,
+        class_weights=weights,
+    )
+
+
+def _write_model(folder: Path, task: Task, network: UNet2D, card: dict) -> LoadedModel:
+    """Save weights + card; a cascade also gets a copy of its first-stage model in ``roi/``."""
+    if task.cascade:
+        roi_ref = task.cascade.get("roi_model") or task.cascade["roi_task"]
+        roi_folder = resolve_model_folder(roi_ref)
+        roi = load_model(roi_folder)
+        if (folder / "roi").exists():
+            shutil.rmtree(folder / "roi")
+        shutil.copytree(roi_folder, folder / "roi")
+        card = dict(card, cascade=dict(task.cascade, roi_model="roi"), classes=roi.classes + card["classes"])
+        card["cascade"]["roi_version"] = roi.name_version
+    save_model(folder, network, card)
+    return load_model(folder)
+
+
+def train_task(
+    task: Task,
+    datasets: Sequence[str | os.PathLike],
+    output: Optional[Path] = None,
+    version: str = "1.0.0",
+    epochs: Optional[int] = None,
+    time_budget_s: Optional[float] = None,
+    validation: Optional[Sequence[str]] = None,
+    folds: int = 0,
+    seed: int = 0,
+    checkpoint: Optional[Path] = None,
+    activate: Optional[bool] = None,
+    log: Callable[[str], None] = print,
+) -> LoadedModel:
+    """Train, validate and write a model for ``task``.
+
+    Args:
+        datasets: dataset folders (see :mod:`datasets`).
+        output: model folder; by default a new version in the registry (``<name>/<version>-train<n>``).
+        validation: case names to hold out; default: the task's ``training.validation_cases``, else
+            a random fifth of the cases.
+        folds: k > 1 runs k-fold cross-validation (k trainings) for the card's metrics, then trains
+            the shipped model on every case.
+        activate: make the new registry version active; default: only if the task has no active
+            model yet.
+    """
+    cases = find_all_cases(datasets, len(task.channels))
+    reference = task.reference_values()
+    t0 = time.perf_counter()
+    if folds and folds > 1:
+        per_fold = []
+        for f, held in enumerate(k_folds(cases, folds, seed)):
+            log(f"fold {f + 1}/{folds}: validating on {', '.join(c.case_id for c in held)}")
+            train_cases = [c for c in cases if c not in held]
+            model = _fit(task, train_cases, epochs, time_budget_s, seed, None, log, Path(tempfile.mkdtemp()))
+            per_fold.append(evaluate_cases(model, held, reference))
+            shutil.rmtree(model.folder, ignore_errors=True)
+        names = list(reference)
+        scores = {n: [s[n] for fold in per_fold for s in fold["per_case_dice"].values()] for n in names}
+        validation_record = {
+            "method": f"{folds}-fold patient-wise cross-validation (the shipped model is then trained on every case)",
+            "folds": per_fold,
+            "mean_dice": {n: float(np.mean(v)) for n, v in scores.items()},
+        }
+        train_cases, held = cases, []
+    else:
+        train_cases, held = split_cases(cases, validation or task.training_option("validation_cases"), seed=seed)
+        validation_record = None
+
+    registry_version = output is None
+    if registry_version:
+        version, output = new_version_folder(task.name, version, "train")
+    log(f"training {task.name} {version} on {len(train_cases)} case(s)"
+        + (f", validating on {', '.join(c.case_id for c in held)}" if held else ""))
+    model = _fit(task, train_cases, epochs, time_budget_s, seed, checkpoint, log, Path(output), version, datasets)
+    if validation_record is None:
+        validation_record = {"method": "patient-wise hold-out", **evaluate_cases(model, held, reference)}
+    card = dict(model.card, validation={
+        "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+        "validation_cases": [c.case_id for c in held],
+        **validation_record,
+    })
+    card["training"]["total_wall_time_s"] = round(time.perf_counter() - t0, 1)
+    save_model(model.folder, model.network, card)
+    log(f"validation mean Dice: {', '.join(f'{k} {v:.3f}' for k, v in validation_record['mean_dice'].items())}")
+    if registry_version and (activate or (activate is None and task.name not in active_versions()
+                                           and active_model(task.name) is None)):
+        from .catalog import activate as set_active
+
+        set_active(f"{task.name}@{version}")
+        log(f"activated {task.name}@{version}")
+    log(f"wrote {model.folder}")
+    return load_model(model.folder)
+
+
+def _fit(task, cases, epochs, time_budget_s, seed, checkpoint, log, folder: Path, version="cv",
+         datasets=()) -> LoadedModel:
+    loaded = load_task_cases(task, cases)
+    train = train_config(task, loaded, epochs, time_budget_s, seed)
+    torch.manual_seed(seed)
+    network = new_network(task)
+    t0 = time.perf_counter()
+    losses = train_network(network, loaded, task.preprocess_config(), train, checkpoint=checkpoint, log=log)
+    card = dict(task.card(), version=str(version))
+    card.update(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tool_version=__version__,
+        training={
+            "data": sorted({DATA_NOTE.get(Path(d).name, str(Path(d).name)) for d in datasets}),
+            "split": "patient-wise",
+            "train_cases": [c.case_id for c in cases],
+            "label_map": {str(k): v for k, v in task.label_map.items()},
+            "epochs_run": len(losses),
+            "losses": [round(v, 5) for v in losses],
+            "loss": "Dice + cross-entropy (MONAI DiceCELoss)"
+            + (f", cross-entropy class weights {[round(w, 2) for w in train.class_weights]}"
+               if train.class_weights else ""),
+            "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}",
+            "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
+            "seed": seed,
+            "wall_time_s": round(time.perf_counter() - t0, 1),
+            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
+        },
+    )
+    return _write_model(folder, task, network, card)
