@@ -90,8 +90,16 @@ def find_all_cases(folders: Sequence[str | os.PathLike], n_channels: int = 1) ->
     return cases
 
 
-def matches(case: CaseFiles, names: Sequence[str]) -> bool:
-    return case.case_id in names or case.short_id in names
+def select_cases(cases: Sequence[CaseFiles], names: Sequence[str]) -> list[CaseFiles]:
+    """The cases a list of names refers to: a name matches a case id (``folder/case``) exactly,
+    or else, when no id matches it, the bare case name (so ``chaos-mr-t2/21`` finds case 21 of
+    a copy of that dataset under another folder name)."""
+    chosen = set()
+    for name in names or []:
+        exact = [c.case_id for c in cases if c.case_id == name]
+        short = name.split("/", 1)[-1]
+        chosen.update(exact or [c.case_id for c in cases if c.short_id == short])
+    return [c for c in cases if c.case_id in chosen]
 
 
 def split_cases(
@@ -105,7 +113,7 @@ def split_cases(
     """
     if len(cases) < 2:
         raise DatasetError(f"Need at least 2 cases to hold one out for validation, got {len(cases)}")
-    chosen = [c for c in cases if validation and matches(c, validation)]
+    chosen = select_cases(cases, validation or [])
     if not chosen:
         rng = np.random.default_rng(seed)
         n = min(len(cases) - 1, max(1, int(round(len(cases) * fraction))))

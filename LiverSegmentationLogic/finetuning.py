@@ -29,7 +29,7 @@ import torch
 
 from .case_queue import CaseQueue
 from .catalog import activate, new_version_folder
-from .datasets import CaseFiles, find_cases, matches
+from .datasets import CaseFiles, find_cases, select_cases
 from .errors import LiverSegError
 from .imageio import read_volume
 from .models import LoadedModel, load_model, save_model
@@ -134,8 +134,8 @@ def finetune(
             raise FinetuneError(f"{model.name_version}'s card has no training label map; cannot replay its data")
         held = card.get("validation", {}).get("validation_cases", [])
         available = find_cases(replay, model.preprocess.channels)
-        validation_cases = [c for c in available if matches(c, held)]
-        pool = [c for c in available if not matches(c, held)]
+        validation_cases = select_cases(available, held)
+        pool = [c for c in available if c not in validation_cases]
         n = max(2, len(queued_cases)) if replay_cases is None else replay_cases
         rng = np.random.default_rng(seed)
         replayed = [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
@@ -167,6 +167,13 @@ def finetune(
         report["base_validation_before"] = evaluate_cases(model, validation_cases, reference)["mean_dice"]
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
     promoted, reason = _promotion_decision(report, tolerance)
+    new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
+    if validation_cases:
+        new_card["validation"] = {
+            "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+            "validation_cases": report["base_validation_cases"],
+            "mean_dice": report["base_validation_after"],
+        }
     new_card.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         finetuning={

@@ -131,6 +131,21 @@ def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, backg
     return chosen
 
 
+def _batch(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack slices of possibly different in-plane sizes (cases from different scanners), each
+    zero-padded, centred, to the largest size in the batch."""
+    h = max(i.shape[-2] for i in images)
+    w = max(i.shape[-1] for i in images)
+
+    def pad(a):
+        dh, dw = h - a.shape[-2], w - a.shape[-1]
+        return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)])
+
+    x = torch.from_numpy(np.stack([pad(i) for i in images]))
+    y = torch.from_numpy(np.stack([pad(label) for label in labels]).astype(np.int64))
+    return x, y
+
+
 def train_network(
     network: UNet2D,
     cases: Sequence[TrainingCase],
@@ -176,8 +191,8 @@ def train_network(
             chunk = pairs[s : s + train.batch_size]
             if len(chunk) < 2:  # BatchNorm needs more than one sample
                 continue
-            x = torch.from_numpy(np.stack([neighbour_stack(cases[c].image, [z], k)[0] for c, z in chunk]))
-            y = torch.from_numpy(np.stack([cases[c].labels[z] for c, z in chunk]).astype(np.int64))
+            x, y = _batch([neighbour_stack(cases[c].image, [z], k)[0] for c, z in chunk],
+                          [cases[c].labels[z] for c, z in chunk])
             x, y = augment_batch(x, y, generator)
             loss = loss_fn(network(x), y[:, None])
             optimiser.zero_grad(set_to_none=True)

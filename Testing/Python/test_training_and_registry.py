@@ -1,0 +1,177 @@
+"""Training, fine-tuning with validation before promotion, and the model registry, on real data."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from LiverSegmentationLogic import catalog
+from LiverSegmentationLogic.case_queue import CaseQueue
+from LiverSegmentationLogic.cli import main as liverseg_main
+from LiverSegmentationLogic.datasets import DatasetError, find_cases, k_folds, select_cases, split_cases
+from LiverSegmentationLogic.errors import ModelNotFoundError
+from LiverSegmentationLogic.finetuning import _promotion_decision, finetune
+from LiverSegmentationLogic.imageio import read_volume
+from LiverSegmentationLogic.model_training import train_task
+from LiverSegmentationLogic.models import load_model, save_model
+from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.tasks import TaskError, list_tasks, load_task
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A registry of its own for one test (the environment is seen by subprocesses too)."""
+    monkeypatch.setenv("LIVERSEG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def link_dataset(folder, source, patients):
+    folder.mkdir(parents=True)
+    for n in patients:
+        for kind in ("image", "label"):
+            os.symlink(source / f"{kind}_{n}.nii.gz", folder / f"{kind}_{n}.nii.gz")
+    return folder
+
+
+def small_task_file(folder, base="abdomen-mr-t2", name="tiny-abdomen", **changes):
+    """A task added only as a file: a bundled task with a narrow network, under a new name."""
+    spec = dict(load_task(base).spec, name=name, network={"width": 8, "depth": 3, "dropout": 0.0}, **changes)
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    path = folder / "tasks" / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_datasets_layouts_and_splits(tmp_path, chaos_mr):
+    flat = find_cases(link_dataset(tmp_path / "flat", chaos_mr, [21, 3, 10]))
+    assert [c.case_id for c in flat] == ["flat/3", "flat/10", "flat/21"]  # natural order
+    nn = tmp_path / "nn"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    os.symlink(chaos_mr / "image_1.nii.gz", nn / "imagesTr" / "p1_0000.nii.gz")
+    os.symlink(chaos_mr / "label_1.nii.gz", nn / "labelsTr" / "p1.nii.gz")
+    assert [c.case_id for c in find_cases(nn)] == ["nn/p1"]
+    with pytest.raises(DatasetError, match="no image"):
+        find_cases(nn, n_channels=2)
+    with pytest.raises(DatasetError, match="not found"):
+        find_cases(tmp_path / "missing")
+    # names from another copy of the dataset still find their case
+    assert [c.case_id for c in select_cases(flat, ["chaos-mr-t2/21"])] == ["flat/21"]
+    train, held = split_cases(flat, ["21"])
+    assert [c.case_id for c in held] == ["flat/21"] and len(train) == 2
+    folds = k_folds(flat, 3)
+    assert sorted(c.case_id for f in folds for c in f) == sorted(c.case_id for c in flat)
+    with pytest.raises(DatasetError):
+        split_cases(flat[:1])
+
+
+def test_bundled_tasks_and_a_user_task_file(home):
+    names = [t.name for t in list_tasks()]
+    for name in ("liver-mr-t2", "abdomen-mr-t2", "liver-ct", "liver-lesion-ct", "liver-lesion-ct-3class",
+                 "liver-dixon-mr"):
+        assert name in names
+    small_task_file(home)
+    assert "tiny-abdomen" in [t.name for t in list_tasks()]
+    (home / "tasks" / "broken.json").write_text(json.dumps({"name": "broken", "classes": []}))
+    with pytest.raises(TaskError, match="broken.json: missing field"):
+        list_tasks()
+
+
+def test_tiny_training_reduces_loss_and_writes_a_loadable_model_with_a_card(home, tmp_path, chaos_mr, capsys):
+    data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21])
+    task = load_task(small_task_file(home))
+    model = train_task(task, [data], epochs=4, validation=["21"], checkpoint=tmp_path / "ckpt.pt")
+    losses = model.card["training"]["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    reloaded = load_model("tiny-abdomen")  # registered and, as the task's first model, activated
+    assert reloaded.folder == model.folder
+    card = reloaded.card
+    assert card["validation"]["validation_cases"] == ["mr/21"]
+    assert set(card["validation"]["mean_dice"]) == {"liver", "right kidney", "left kidney", "spleen"}
+    assert card["training"]["train_cases"] == ["mr/1"]
+    # the checkpoint resumes: asking for the same epochs again trains no further
+    again = train_task(task, [data], output=tmp_path / "again", epochs=4, validation=["21"],
+                       checkpoint=tmp_path / "ckpt.pt", log=lambda m: None)
+    assert again.card["training"]["losses"] == losses
+
+
+def test_registry_activation_is_used_by_segment(home, tmp_path):
+    bundled = load_model("liver-mr-t2")
+    version, folder = catalog.new_version_folder("liver-mr-t2", "1.0.0", "ft")
+    save_model(folder, bundled.network, dict(bundled.card, version=version))
+    image, _ = sample_paths()
+
+    def segmented_version():
+        out = tmp_path / "r.json"
+        assert liverseg_main(["segment", str(image), "-o", str(tmp_path / "s.nii.gz"), "--json", str(out), "-q"]) == 0
+        return json.loads(out.read_text())["model"]["version"]
+
+    assert segmented_version() == "1.0.0"  # nothing activated: the bundled model
+    assert liverseg_main(["models", "activate", f"liver-mr-t2@{version}"]) == 0
+    assert segmented_version() == version
+    assert catalog.find_model("liver-mr-t2").ref == f"liver-mr-t2@{version}"
+    assert liverseg_main(["models", "activate", "liver-mr-t2@1.0.0"]) == 0  # back to the bundled one
+    assert segmented_version() == "1.0.0"
+    with pytest.raises(ModelNotFoundError, match="versions: 1.0.0"):
+        catalog.find_model("liver-mr-t2@9.9")
+
+
+def test_finetune_on_a_corrupted_label_is_refused_promotion(home, tmp_path, chaos_mr):
+    """A correction that is wrong (the liver's bounding box minus the liver) teaches the model
+    the wrong thing: the result must be kept but not activated, with the regression named."""
+    image = read_volume(chaos_mr / "image_3.nii.gz")
+    liver = np.rint(read_volume(chaos_mr / "label_3.nii.gz", validate=False).array) == 1
+    box = ndimage.find_objects(liver.astype(np.uint8))[0]
+    corrupted = np.zeros(liver.shape, np.uint8)
+    corrupted[box] = ~liver[box]
+    CaseQueue(tmp_path / "queue").add(image, corrupted, {"study": "corrupt"})
+    replay = link_dataset(tmp_path / "chaos", chaos_mr, [21])  # holds one base validation patient
+    result = finetune("liver-mr-t2", tmp_path / "queue", replay=replay, replay_cases=0, epochs=4,
+                      learning_rate=1e-3, log=lambda m: None)
+    assert not result.promoted
+    assert "regresses on the base validation set" in result.reason
+    assert result.report["base_validation_cases"] == ["chaos/21"]
+    assert result.report["base_validation_after"]["liver"] < result.report["base_validation_before"]["liver"] - 0.02
+    assert catalog.find_model("liver-mr-t2").bundled  # the active model did not change
+    card = load_model(f"liver-mr-t2@{result.model.card['version']}").card  # kept in the registry
+    assert card["promotion"]["promoted"] is False and card["finetuning"]["base"] == "liver-mr-t2 1.0.0"
+
+
+def test_promotion_rules():
+    ok = {"queue_before": {"liver": 0.5}, "queue_after": {"liver": 0.9},
+          "base_validation_before": {"liver": 0.90}, "base_validation_after": {"liver": 0.89}}
+    assert _promotion_decision(ok, 0.02)[0]
+    assert not _promotion_decision(dict(ok, base_validation_after={"liver": 0.85}), 0.02)[0]
+    assert not _promotion_decision(dict(ok, queue_after={"liver": 0.5}), 0.02)[0]
+    no_guard = {k: v for k, v in ok.items() if not k.startswith("base")}
+    promoted, reason = _promotion_decision(no_guard, 0.02)
+    assert not promoted and "--replay" in reason
+
+
+def test_finetune_needs_queued_cases(home, tmp_path):
+    from LiverSegmentationLogic.finetuning import FinetuneError
+
+    with pytest.raises(FinetuneError, match="holds no cases"):
+        finetune("liver-mr-t2", tmp_path / "empty-queue")
+
+
+def test_models_cli_lists_and_describes(home, capsys):
+    assert liverseg_main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "* liver-mr-t2@1.0.0" in out and "abdomen-mr-t2@1.0.0" in out
+    assert liverseg_main(["models", "info", "abdomen-mr-t2"]) == 0
+    assert json.loads(capsys.readouterr().out)["validation"]["mean_dice"]["spleen"] > 0.8
+    assert liverseg_main(["models", "activate", "nope@1"]) == 2
+
+
+def test_new_version_folders_count_up(home):
+    v1, f1 = catalog.new_version_folder("x", "1.0.0", "ft")
+    f1.mkdir(parents=True)
+    v2, _ = catalog.new_version_folder("x", "1.0.0", "ft")
+    assert (v1, v2) == ("1.0.0-ft1", "1.0.0-ft2")
+    with pytest.raises(ValueError):
+        catalog.new_version_folder("../evil", "1", "ft")
+    shutil.rmtree(f1)
