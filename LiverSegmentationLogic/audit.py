@@ -37,10 +37,10 @@ def audit_record(image: np.ndarray, labels: np.ndarray, model: dict, readout: di
         "tool": "liverseg",
         "tool_version": __version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {k: model.get(k) for k in ("name", "version", "sha256")},
+        "model": {k: model.get(k) for k in ("name", "version", "sha256", "roi_model") if k in model},
         "input": {"source": source, "sha256": array_sha256(image)},
         "segmentation_sha256": array_sha256(np.asarray(labels, dtype=np.uint8)),
-        "readout": {k: readout.get(k) for k in ("volumes_ml", "fat_fraction")},
+        "readout": {k: readout.get(k) for k in ("volumes_ml", "fat_fraction", "lesions")},
     }
 
 

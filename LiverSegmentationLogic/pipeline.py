@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from .audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
@@ -20,7 +22,7 @@ from .readouts import DEFAULT_MARGIN_MM, segmentation_readouts
 
 def segment_case(
     segmenter: Segmenter,
-    volume: Volume,
+    volume: Volume | Sequence[Volume],
     ff_map: Optional[Volume] = None,
     margin_mm: float = DEFAULT_MARGIN_MM,
     ff_unit: str = "auto",
@@ -31,6 +33,7 @@ def segment_case(
     """Segment ``volume`` and compute its readouts.
 
     Args:
+        volume: the scan, or one scan per input channel of a multi-channel model.
         source: where the volume came from (a path), for the audit record.
 
     Returns:
@@ -41,7 +44,8 @@ def segment_case(
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
     t0 = time.perf_counter()
     kinds = segmenter.model.card.get("readouts", ["volume", "fat_fraction"])
-    readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit, kinds)
+    readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit,
+                                    kinds)
     readout["model"] = result.model
     if result.slice_uncertainty is not None:
         flagged = slices_to_check(result.slice_uncertainty)
@@ -54,7 +58,8 @@ def segment_case(
     result.timings["readout"] = time.perf_counter() - t0
     readout["timings"] = dict(result.timings)
     # every readout carries its audit record, wherever it is computed (CLI, batch, server, panel)
-    readout["audit"] = audit_record(volume.array, result.labels, result.model, readout, source=source)
+    image = volume.array if isinstance(volume, Volume) else np.stack([v.array for v in volume])
+    readout["audit"] = audit_record(image, result.labels, result.model, readout, source=source)
     return result, readout
 
 
