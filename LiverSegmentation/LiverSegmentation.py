@@ -432,9 +432,12 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def describeServer(self, info):
         model = info.get("models") or {}
-        return _("Server {version} (protocol {protocol}), {workers} worker(s) on {devices}; model {model}").format(
+        tasks = ", ".join(f"{task} ({ref or _('no model')})" for task, ref in (info.get("tasks") or {}).items())
+        return _("Server {version} (protocol {protocol}), {workers} worker(s) on {devices}; model {model}; "
+                 "tasks there: {tasks}").format(
             version=info["server_version"], protocol=info["protocol"], workers=info["workers"],
-            devices=", ".join(info["devices"]) or "-", model=f"{model.get('name')} {model.get('version')}")
+            devices=", ".join(info["devices"]) or "-", model=f"{model.get('name')} {model.get('version')}",
+            tasks=tasks or "-")
 
     # ---------------------------------------------------------------- readout and export
     def updateReadout(self, segmentationNode, inputVolume, ffVolume=None, marginMm=3.0, tableNode=None):

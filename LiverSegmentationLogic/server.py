@@ -152,6 +152,18 @@ def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
 
 
 # --------------------------------------------------------------------------------------- broker
+def _task_listing() -> dict:
+    """Task name -> its active model on this server's machine (None where none is trained)."""
+    from .catalog import active_model
+    from .tasks import list_tasks
+
+    listing = {}
+    for task in list_tasks():
+        model = active_model(task.name)
+        listing[task.name] = model.ref if model else None
+    return listing
+
+
 @dataclass
 class _Job:
     client: bytes
@@ -304,6 +316,7 @@ class InferenceServer:
             "busy": sum(1 for w in self.workers.values() if w.job),
             "queued": len(self.queue),
             "models": ready[0]["model"] if ready else None,
+            "tasks": _task_listing(),
             "worker_list": [
                 {"name": w.name, "pid": w.info.get("pid"), "busy": w.job is not None}
                 for w in self.workers.values()

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from LiverSegmentationLogic import __version__
-from LiverSegmentationLogic.anatomy import class_entry
+from LiverSegmentationLogic.datasets import find_cases, select_cases
 from LiverSegmentationLogic.models import LoadedModel, load_model, save_model
 from LiverSegmentationLogic.network import UNet2D
 from LiverSegmentationLogic.preprocessing import PreprocessConfig
+from LiverSegmentationLogic.tasks import load_task
 from LiverSegmentationLogic.training import TrainConfig, evaluate_cases, load_case, train_network
 
-PATIENTS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32]
 VALIDATION = [2, 21, 31]  # held out; patient 21 is also the bundled demo sample
 LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4}  # CHAOS: 1 liver, 2 right kidney, 3 left kidney, 4 spleen
 
@@ -46,62 +46,40 @@ def main():
     p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     args = p.parse_args()
 
-    config = PreprocessConfig(spacing_xy=(args.spacing, args.spacing), neighbours=2)
-    organ_rules = {"largest_component": True, "fill_holes": True}
-    organs = [class_entry(label, name, organ_rules)
-              for label, name in [(1, "liver"), (2, "right kidney"), (3, "left kidney"), (4, "spleen")]]
-    train_ids = [n for n in PATIENTS if n not in VALIDATION]
-    pair = lambda n: (args.data / f"image_{n}.nii.gz", args.data / f"label_{n}.nii.gz")  # noqa: E731
-
+    tasks = {name: load_task(name) for name in ("liver-mr-t2", "abdomen-mr-t2")}  # one network, two views
+    config = tasks["liver-mr-t2"].preprocess_config()
+    if args.spacing != config.spacing_xy[0]:
+        config = PreprocessConfig.from_dict(dict(config.to_dict(), spacing_xy=[args.spacing, args.spacing]))
+    cases = find_cases(args.data)
+    train_cases = [c for c in cases if c not in select_cases(cases, [str(n) for n in VALIDATION])]
+    validation_cases = select_cases(cases, [str(n) for n in VALIDATION])
     t0 = time.perf_counter()
-    cases = [load_case(*pair(n), config, LABEL_MAP, name=f"chaos-mr-t2/{n}") for n in train_ids]
-    print(f"loaded {len(cases)} training cases in {time.perf_counter() - t0:.1f}s")
+    loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in train_cases]
+    print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
     network = UNet2D(in_channels=config.in_channels, n_classes=5, width=16, depth=4, dropout=0.1)
     init = None
     if args.init is not None:  # continue training a shipped model (warm restart of the schedule)
         init = load_model(args.init)
         network.load_state_dict(init.network.state_dict())
     train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget, learning_rate=args.learning_rate)
-    cards = {
-        "liver-mr-t2": {
-            "name": "liver-mr-t2",
-            "version": args.version,
-            "task": "liver",
-            "modality": "MR",
-            "description": "Liver segmentation on abdominal T2-weighted MR (trained on CHAOS T2-SPIR).",
-            "classes": organs[:1],
-            "output_labels": [0, 1, 0, 0, 0],
-            "preprocessing": config.to_dict(),
-            "readouts": ["volume", "fat_fraction"],
-        },
-        "abdomen-mr-t2": {
-            "name": "abdomen-mr-t2",
-            "version": args.version,
-            "task": "abdominal organs",
-            "modality": "MR",
-            "description": "Liver, kidneys and spleen on abdominal T2-weighted MR (trained on CHAOS T2-SPIR).",
-            "classes": organs,
-            "output_labels": [0, 1, 2, 3, 4],
-            "preprocessing": config.to_dict(),
-            "readouts": ["volume", "fat_fraction"],
-        },
-    }
+    cards = {name: dict(task.card(), version=args.version, preprocessing=config.to_dict())
+             for name, task in tasks.items()}
     for card in cards.values():
         card["initialised_from"] = init and init.name_version
     t0 = time.perf_counter()
-    losses = train_network(network, cases, config, train, checkpoint=args.checkpoint)
+    losses = train_network(network, loaded, config, train, checkpoint=args.checkpoint)
     train_s = time.perf_counter() - t0
 
     for name, card in cards.items():
         model = LoadedModel(network, dict(card, sha256=""), args.models / name)
-        validation = evaluate_cases(model, [tuple(map(str, pair(n))) for n in VALIDATION], LABEL_MAP)
+        validation = evaluate_cases(model, validation_cases, tasks[name].reference_values())
         print(name, json.dumps(validation, indent=2))
-        _finish_card(card, validation, train_ids, train, losses, train_s)
+        _finish_card(card, validation, train_cases, validation_cases, train, losses, train_s)
         save_model(args.models / name, network, card)
         print(f"wrote {args.models / name}")
 
 
-def _finish_card(card, validation, train_ids, train, losses, train_s):
+def _finish_card(card, validation, train_cases, validation_cases, train, losses, train_s):
     card.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tool_version=__version__,
@@ -109,8 +87,7 @@ def _finish_card(card, validation, train_ids, train, losses, train_s):
             "data": "CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021, "
             "doi:10.1016/j.media.2020.101950; CC BY-SA 4.0), preprocessed release of shenqq377/Q-Net",
             "split": "patient-wise",
-            "train_patients": train_ids,
-            "validation_patients": VALIDATION,
+            "train_cases": [c.case_id for c in train_cases],
             "label_map": {str(k): v for k, v in LABEL_MAP.items()},
             "epochs_run": len(losses),
             "initialised_from": card.pop("initialised_from", None),
@@ -124,6 +101,7 @@ def _finish_card(card, validation, train_ids, train, losses, train_s):
         },
         validation={
             "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+            "validation_cases": [c.case_id for c in validation_cases],
             **validation,
         },
     )

@@ -169,6 +169,14 @@ def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
             ("PDFF voxels", str(ff["n_voxels"]), "voxels"),
             ("steatosis (PDFF > 5.56 %)", "yes" if ff["steatosis"] else "no", ""),
         ]
+    lesions = readout.get("lesions")
+    if lesions:
+        burden = lesions["burden_percent"]
+        rows += [
+            ("lesion count", str(lesions["count"]), ""),
+            ("lesion volume", f"{lesions['total_volume_ml']:.2f}", "mL"),
+            ("lesion burden", "n/a" if burden is None else f"{burden:.2f}", "% of liver"),
+        ]
     if model:
         rows.append(("model", f"{model['name']} {model['version']}", ""))
     rows.append(("computed", datetime.datetime.now().isoformat(timespec="seconds"), ""))
