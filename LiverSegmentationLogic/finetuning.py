@@ -5,7 +5,8 @@ What ``liverseg finetune`` runs:
 1. start from the base model's weights;
 2. train on the queued cases mixed with a replay sample of the base model's own training data
    (so the old domain is not forgotten), within a time budget;
-3. compare new and base model on the queued cases and on the base model's validation cases;
+3. compare new and base model on the queued cases, and the new model with the first model of its
+   line (the one fine-tuning started from) on that model's validation cases;
 4. write the new version into the registry, and make it active only if it is better on the
    queued cases and loses no more than ``tolerance`` Dice on any class of the base validation
    set. Otherwise it is kept, not activated, and the card says why.
@@ -164,7 +165,12 @@ def finetune(
     }
     if validation_cases:
         reference = card_reference_values(card)
-        report["base_validation_before"] = evaluate_cases(model, validation_cases, reference)["mean_dice"]
+        measured = evaluate_cases(model, validation_cases, reference)["mean_dice"]
+        # against the first model of the line, so that fine-tune after fine-tune cannot drift
+        # away from the original domain a little at a time
+        lineage = card.get("promotion", {})
+        same_cases = lineage.get("base_validation_cases") == report["base_validation_cases"]
+        report["base_validation_before"] = (same_cases and lineage.get("base_validation_before")) or measured
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
     promoted, reason = _promotion_decision(report, tolerance)
     new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
