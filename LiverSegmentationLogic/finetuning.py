@@ -166,11 +166,7 @@ def finetune(
     if validation_cases:
         reference = card_reference_values(card)
         measured = evaluate_cases(model, validation_cases, reference)["mean_dice"]
-        # against the first model of the line, so that fine-tune after fine-tune cannot drift
-        # away from the original domain a little at a time
-        lineage = card.get("promotion", {})
-        same_cases = lineage.get("base_validation_cases") == report["base_validation_cases"]
-        report["base_validation_before"] = (same_cases and lineage.get("base_validation_before")) or measured
+        report["base_validation_before"] = validation_reference(card, report["base_validation_cases"], measured)
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
     promoted, reason = _promotion_decision(report, tolerance)
     new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
@@ -199,6 +195,17 @@ def finetune(
         activate(f"{card['name']}@{version}")
     log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason}")
     return FinetuneResult(load_model(folder), promoted, reason, report)
+
+
+def validation_reference(card: dict, cases: list[str], measured: dict) -> dict:
+    """The scores a fine-tuned model must stay within tolerance of: those of the first model of
+    its line (carried in each fine-tuned card) when measured on the same cases, else the base
+    model's own. So fine-tune after fine-tune cannot drift from the original domain a little at
+    a time."""
+    lineage = card.get("promotion", {})
+    if lineage.get("base_validation_cases") == cases and lineage.get("base_validation_before"):
+        return lineage["base_validation_before"]
+    return measured
 
 
 def _promotion_decision(report: dict, tolerance: float) -> tuple[bool, str]:

@@ -151,6 +151,17 @@ def test_promotion_rules():
     assert not promoted and "--replay" in reason
 
 
+def test_regression_reference_is_the_first_model_of_the_line():
+    from LiverSegmentationLogic.finetuning import validation_reference
+
+    root = {"version": "1.0.0"}
+    first = {"promotion": {"base_validation_cases": ["mr/21"], "base_validation_before": {"liver": 0.92}}}
+    assert validation_reference(root, ["mr/21"], {"liver": 0.92}) == {"liver": 0.92}
+    # the second fine-tune is held to the root's 0.92, not to the first fine-tune's 0.905
+    assert validation_reference(first, ["mr/21"], {"liver": 0.905}) == {"liver": 0.92}
+    assert validation_reference(first, ["mr/2"], {"liver": 0.905}) == {"liver": 0.905}  # other cases
+
+
 def test_finetune_needs_queued_cases(home, tmp_path):
     from LiverSegmentationLogic.finetuning import FinetuneError
 
