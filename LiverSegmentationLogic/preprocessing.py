@@ -8,77 +8,16 @@ input grid voxel for voxel.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .imageio import Geometry
+from .preprocess_config import PreprocessConfig
 
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a model wants its input.
-
-    Attributes:
-        spacing_xy: in-plane voxel size of the model grid, mm (x, y).
-        neighbours: k neighbour slices on each side; the model sees 2k + 1 channels.
-        intensity: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}`` (clip to these
-            percentiles, then min-max to 0-1; the default, suited to MR) or
-            ``{"method": "window", "center": C, "width": W}`` (a fixed window, suited to CT).
-        multiple: pad the in-plane size up to a multiple of this (the U-Net's total stride).
-        channels: input images per case (e.g. 2 for a fat + water Dixon pair), each normalised
-            on its own; the model sees channels x (2k + 1) planes.
-    """
-
-    spacing_xy: tuple[float, float] = (2.0, 2.0)
-    neighbours: int = 1
-    intensity: dict = field(default_factory=lambda: {"method": "percentile", "lower": 0.5, "upper": 99.5})
-    multiple: int = 16
-    channels: int = 1
-
-    def __post_init__(self):
-        if len(self.spacing_xy) != 2 or min(self.spacing_xy) <= 0:
-            raise ValueError(f"spacing_xy must be two positive numbers, got {self.spacing_xy}")
-        if self.neighbours < 0:
-            raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
-        if self.multiple < 1:
-            raise ValueError(f"multiple must be >= 1, got {self.multiple}")
-        if self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
-        method = self.intensity.get("method")
-        if method == "percentile":
-            if not 0 <= self.intensity["lower"] < self.intensity["upper"] <= 100:
-                raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100: {self.intensity}")
-        elif method == "window":
-            if self.intensity["width"] <= 0:
-                raise ValueError(f"window width must be positive: {self.intensity}")
-        else:
-            raise ValueError(f"intensity method must be 'percentile' or 'window', got {method!r}")
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels * (2 * self.neighbours + 1)
-
-    def to_dict(self) -> dict:
-        return {
-            "spacing_xy": list(self.spacing_xy),
-            "neighbours": self.neighbours,
-            "intensity": dict(self.intensity),
-            "multiple": self.multiple,
-            "channels": self.channels,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        return cls(
-            spacing_xy=tuple(float(s) for s in d["spacing_xy"]),
-            neighbours=int(d["neighbours"]),
-            intensity=dict(d["intensity"]),
-            multiple=int(d.get("multiple", 16)),
-            channels=int(d.get("channels", 1)),
-        )
+__all__ = ["PreprocessConfig"]  # re-exported: defined without torch for the task files
 
 
 class AxialReorientation:

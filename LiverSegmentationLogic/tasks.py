@@ -82,7 +82,7 @@ class Task:
         return len(self.spec["classes"]) + 1
 
     def preprocess_config(self):
-        from .preprocessing import PreprocessConfig
+        from .preprocess_config import PreprocessConfig
 
         d = dict(self.spec["preprocessing"])
         d.setdefault("channels", len(self.channels))

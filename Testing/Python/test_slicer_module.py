@@ -97,8 +97,9 @@ def test_bridge_and_core_import_no_qt():
             assert "slicer" not in imported, path
 
 
-def test_panel_can_list_models_without_torch():
-    """The panel fills its model list in setup(), before dependencies are installed."""
+def test_panel_can_list_models_and_tasks_without_torch():
+    """The panel fills its model list in setup(), before dependencies are installed; the server's
+    broker lists tasks without loading torch either."""
     code = (
         "import sys, builtins\n"
         "real = builtins.__import__\n"
@@ -111,6 +112,8 @@ def test_panel_can_list_models_without_torch():
         "names = model_names()\n"
         "assert names[0] == 'liver-mr-t2', names\n"
         "assert resolve_model_folder(names[0]).is_dir()\n"
+        "from LiverSegmentationLogic.tasks import list_tasks\n"
+        "assert [t.preprocess_config().in_channels for t in list_tasks() if t.name == 'liver-dixon-mr'] == [6]\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
