@@ -111,3 +111,47 @@ def test_padding_for_odd_sizes():
     logits = torch.from_numpy(prepared.image[:, None])
     expected = normalise_intensity(image, PreprocessConfig().intensity)
     np.testing.assert_allclose(prepared.to_input_grid(logits)[:, 0].numpy(), expected)
+
+
+def test_multichannel_input_is_normalised_per_channel_and_stacked():
+    rng = np.random.default_rng(0)
+    t2 = rng.normal(100, 10, (6, 32, 32)).astype(np.float32)
+    other = rng.normal(5000, 900, (6, 32, 32)).astype(np.float32)  # another scale entirely
+    config = PreprocessConfig(spacing_xy=(1.0, 1.0), neighbours=1, channels=2)
+    prepared = prepare_volume(np.stack([t2, other]), Geometry.identity(), config)
+    assert prepared.image.shape == (2, 6, 32, 32)
+    for c in range(2):  # each channel spans 0-1 on its own
+        assert prepared.image[c].min() == 0.0 and prepared.image[c].max() == 1.0
+    batch = neighbour_stack(prepared.image, [0, 5], 1)
+    assert batch.shape == (2, config.in_channels, 32, 32) == (2, 6, 32, 32)
+    np.testing.assert_array_equal(batch[0, 1], prepared.image[0, 0])  # channel 1, centre slice
+    np.testing.assert_array_equal(batch[0, 4], prepared.image[1, 0])  # channel 2, centre slice
+    with pytest.raises(ValueError, match="takes 2 input channel"):
+        prepare_volume(t2, Geometry.identity(), config)
+
+
+def test_roi_mask_windows_inside_the_region_and_blanks_outside():
+    array = np.zeros((4, 20, 20), np.float32)
+    array[:, 5:15, 5:15] = np.linspace(100, 200, 100).reshape(10, 10)  # the organ
+    array[:, 0, 0] = 5000  # a bright outlier outside it
+    mask = np.zeros(array.shape, bool)
+    mask[:, 5:15, 5:15] = True
+    config = PreprocessConfig(spacing_xy=(1.0, 1.0), neighbours=0, intensity={"method": "percentile", "lower": 0,
+                                                                               "upper": 100})
+    image = prepare_volume(array, Geometry.identity(), config, roi_mask=mask).image
+    inside = image[:, 11:21, 11:21]  # padded from 20 to 32, centred: the organ moves by 6
+    assert inside.min() == 0.0 and inside.max() == 1.0  # the organ's own range, not the outlier's
+    assert np.count_nonzero(image) <= mask.sum() and image[:, 6, 6].max() == 0.0
+
+
+def test_crop_volume_keeps_physical_positions():
+    from LiverSegmentationLogic.imageio import Volume, crop_volume
+
+    direction = (0, 1, 0, -1, 0, 0, 0, 0, 1)  # rotated in-plane
+    geometry = Geometry((0.5, 0.7, 3.0), (10.0, -4.0, 2.0), direction)
+    volume = Volume(np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7), geometry)
+    crop = crop_volume(volume, (slice(1, 4), slice(2, 6), slice(3, 7)))
+    assert crop.array.shape == (3, 4, 4)
+    # voxel (i, j, k) = (0, 0, 0) of the crop is voxel (3, 2, 1) of the original, at the same point
+    np.testing.assert_allclose(crop.geometry.index_to_lps() @ [0, 0, 0, 1], geometry.index_to_lps() @ [3, 2, 1, 1])
+    assert crop.array[0, 0, 0] == volume.array[1, 2, 3]

@@ -11,6 +11,7 @@ from LiverSegmentationLogic.readouts import (
     fat_fraction_readout,
     label_volume_ml,
     resample_mask_to,
+    segmentation_readouts,
 )
 
 
@@ -97,3 +98,23 @@ def test_dixon_two_point_fat_fraction():
     other = Geometry((2, 1, 1), (0, 0, 0), geometry.direction)
     with pytest.raises(FatFractionError, match="same grid"):
         dixon_fat_fraction(Volume(in_phase, geometry), Volume(opposed, other))
+
+
+def test_lesion_readout_counts_components_and_burden():
+    geometry = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # 2 uL voxels
+    labels = np.zeros((20, 30, 30), np.uint8)
+    labels[2:18, 2:28, 2:28] = 1  # liver
+    labels[4:6, 4:6, 4:6] = 2  # lesion 1: 8 voxels
+    labels[10:13, 20:23, 20:23] = 2  # lesion 2: 27 voxels
+    labels[13, 23, 23] = 2  # touches lesion 2 at a corner: 26-connected, the same lesion
+    readout = segmentation_readouts(labels, geometry, [{"label": 1, "name": "liver"}, {"label": 2, "name": "lesion"}],
+                                    readouts=["volume", "lesions"])
+    lesions = readout["lesions"]
+    assert lesions["count"] == 2
+    assert lesions["volumes_ml"] == pytest.approx([28 * 0.002, 8 * 0.002])
+    assert lesions["total_volume_ml"] == pytest.approx(36 * 0.002) == pytest.approx(readout["volumes_ml"]["lesion"])
+    liver_with_lesions = 16 * 26 * 26
+    assert lesions["burden_percent"] == pytest.approx(100 * 36 / liver_with_lesions)
+    # not asked for by the model's card: not computed
+    only_volumes = segmentation_readouts(labels, geometry, [{"label": 2, "name": "lesion"}], readouts=["volume"])
+    assert only_volumes["lesions"] is None
