@@ -21,6 +21,10 @@ from LiverSegmentationLogic.sample import sample_paths
 from LiverSegmentationLogic.tasks import TaskError, list_tasks, load_task
 
 
+def bundled_version(name="liver-mr-t2"):
+    return next(e.version for e in catalog.list_models() if e.bundled and e.name == name)
+
+
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     """A registry of its own for one test (the environment is seen by subprocesses too)."""
@@ -109,13 +113,14 @@ def test_registry_activation_is_used_by_segment(home, tmp_path):
         assert liverseg_main(["segment", str(image), "-o", str(tmp_path / "s.nii.gz"), "--json", str(out), "-q"]) == 0
         return json.loads(out.read_text())["model"]["version"]
 
-    assert segmented_version() == "1.0.0"  # nothing activated: the bundled model
+    shipped = bundled_version()
+    assert segmented_version() == shipped  # nothing activated: the bundled model
     assert liverseg_main(["models", "activate", f"liver-mr-t2@{version}"]) == 0
     assert segmented_version() == version
     assert catalog.find_model("liver-mr-t2").ref == f"liver-mr-t2@{version}"
-    assert liverseg_main(["models", "activate", "liver-mr-t2@1.0.0"]) == 0  # back to the bundled one
-    assert segmented_version() == "1.0.0"
-    with pytest.raises(ModelNotFoundError, match="versions: 1.0.0"):
+    assert liverseg_main(["models", "activate", f"liver-mr-t2@{shipped}"]) == 0  # back to the bundled one
+    assert segmented_version() == shipped
+    with pytest.raises(ModelNotFoundError, match=f"versions: {shipped}"):
         catalog.find_model("liver-mr-t2@9.9")
 
 
@@ -137,7 +142,7 @@ def test_finetune_on_a_corrupted_label_is_refused_promotion(home, tmp_path, chao
     assert result.report["base_validation_after"]["liver"] < result.report["base_validation_before"]["liver"] - 0.02
     assert catalog.find_model("liver-mr-t2").bundled  # the active model did not change
     card = load_model(f"liver-mr-t2@{result.model.card['version']}").card  # kept in the registry
-    assert card["promotion"]["promoted"] is False and card["finetuning"]["base"] == "liver-mr-t2 1.0.0"
+    assert card["promotion"]["promoted"] is False and card["finetuning"]["base"] == f"liver-mr-t2 {bundled_version()}"
 
 
 def test_promotion_rules():
@@ -172,7 +177,7 @@ def test_finetune_needs_queued_cases(home, tmp_path):
 def test_models_cli_lists_and_describes(home, capsys):
     assert liverseg_main(["models", "list"]) == 0
     out = capsys.readouterr().out
-    assert "* liver-mr-t2@1.0.0" in out and "abdomen-mr-t2@1.0.0" in out
+    assert f"* liver-mr-t2@{bundled_version()}" in out and f"abdomen-mr-t2@{bundled_version('abdomen-mr-t2')}" in out
     assert liverseg_main(["models", "info", "abdomen-mr-t2"]) == 0
     assert json.loads(capsys.readouterr().out)["validation"]["mean_dice"]["spleen"] > 0.8
     assert liverseg_main(["models", "activate", "nope@1"]) == 2
