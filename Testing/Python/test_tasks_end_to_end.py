@@ -85,10 +85,13 @@ def test_shipped_ct_cascade_finds_liver_and_lesions_on_held_out_patient(lits_ct)
     assert "lits-ct/1" in model.card["validation"]["validation_cases"]
     labels = Segmenter(model, device="cpu").segment(read_volume(lits_ct / "image_1.nii.gz")).labels
     ref = np.rint(read_volume(lits_ct / "label_1.nii.gz", validate=False).array)
-    assert dice(labels > 0, ref > 0) > 0.85  # liver with its lesions
-    assert (labels == 2).any()
-    liver_region = read_volume(lits_ct / "label_1.nii.gz", validate=False)  # lesions lie inside the liver stage
-    assert np.all(labels[labels == 2] == 2) and liver_region.array.shape == labels.shape
+    assert dice(labels > 0, ref > 0) > 0.9  # the liver with its lesions
+    found = labels == 2
+    assert found.any()
+    # lesions are found inside the liver, and what is found is mostly real lesion (the model
+    # misses most lesion voxels: see its card, lesion Dice on this patient)
+    assert (ref[found] > 0).mean() > 0.95
+    assert (ref[found] == 2).mean() > 0.25
 
 
 def test_abdominal_model_reads_out_each_organ(tmp_path, sample_case, capsys):
