@@ -17,7 +17,8 @@ def test_default_model_card_is_complete(default_model):
     for key in ("task", "modality", "classes", "preprocessing", "training", "validation", "version", "sha256"):
         assert key in card
     assert card["training"]["split"] == "patient-wise"
-    assert not set(card["training"]["train_patients"]) & set(card["training"]["validation_patients"])
+    assert card["validation"]["validation_cases"]
+    assert not set(card["training"]["train_cases"]) & set(card["validation"]["validation_cases"])
     assert card["validation"]["mean_dice"]["liver"] >= 0.9
     weights = default_model.folder / card["weights"]
     assert weights.stat().st_size <= 10 * 1024 * 1024
