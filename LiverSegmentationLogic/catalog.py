@@ -139,10 +139,11 @@ def find_model(ref: str) -> ModelEntry:
         if entry is None:
             raise ModelNotFoundError(f"No model named {name!r}. Known models: {', '.join(model_names()) or 'none'}")
         return entry
-    for e in list_models():
-        if e.name == name and e.version == version:
+    same_name = [e for e in list_models() if e.name == name]
+    for e in same_name:
+        if e.version == version:
             return e
-    versions = [e.version for e in list_models() if e.name == name]
+    versions = [e.version for e in same_name]
     raise ModelNotFoundError(
         f"No version {version!r} of model {name!r}" + (f"; versions: {', '.join(versions)}" if versions else "")
     )

@@ -239,9 +239,10 @@ def cmd_models(args) -> int:
     from .catalog import activate, active_model, find_model, list_models
 
     if args.action == "list":
-        for e in list_models():
-            current = active_model(e.name)
-            flag = "*" if current is not None and current.folder == e.folder else " "
+        entries = list_models()
+        active = {m.folder for m in map(active_model, {e.name for e in entries}) if m is not None}
+        for e in entries:
+            flag = "*" if e.folder in active else " "
             dice = e.card.get("validation", {}).get("mean_dice", {})
             scores = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
             note = e.card.get("promotion", {})
