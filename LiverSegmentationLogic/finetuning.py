@@ -32,9 +32,9 @@ from .case_queue import CaseQueue
 from .catalog import activate, new_version_folder
 from .datasets import CaseFiles, find_cases, select_cases
 from .errors import LiverSegError
-from .imageio import read_volume
 from .models import LoadedModel, load_model, save_model
-from .preprocessing import neighbour_stack, prepare_labels, prepare_volume
+from .preprocessing import neighbour_stack
+from .tasks import reference_values
 from .training import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
 
 
@@ -50,27 +50,14 @@ class FinetuneResult:
     report: dict
 
 
-def card_reference_values(card: dict) -> dict[str, list[int]]:
-    """Class name -> the dataset label values it is scored against, from a card's label map."""
-    label_map = {int(k): int(v) for k, v in card.get("training", {}).get("label_map", {}).items()}
-    outputs = card.get("output_labels") or list(range(len(card["classes"]) + 1))
-    out = {}
-    for c in card["classes"]:
-        net = {i for i, o in enumerate(outputs) if o == c["label"]}
-        out[c["name"]] = sorted(s for s, d in label_map.items() if d in net)
-    return out
-
-
 def _queued_training_case(model: LoadedModel, case: CaseFiles) -> TrainingCase:
     """A queued case on the model grid, its written labels turned into network classes; hidden
     classes come from the base model's own prediction where the correction says background."""
     config = model.preprocess
-    images = [read_volume(p) for p in case.images]
-    written = np.rint(read_volume(case.label, validate=False).array).astype(np.uint8)
-    array = images[0].array if len(images) == 1 else np.stack([v.array for v in images])
-    prepared = prepare_volume(array, images[0].geometry, config)
-    written = prepare_labels(written, prepared)
-    outputs = model.card.get("output_labels") or list(range(model.network.config["n_classes"]))
+    outputs = model.output_labels
+    written_labels = {label: label for label in outputs if label}
+    prepared = load_case(case.images, case.label, config, written_labels, name=case.case_id)
+    written = prepared.labels
     with torch.inference_mode():
         predicted = np.concatenate([
             model.network(torch.from_numpy(neighbour_stack(prepared.image, idx, config.neighbours))).argmax(1).numpy()
@@ -127,7 +114,7 @@ def finetune(
     t0 = time.perf_counter()
     cases = [_queued_training_case(model, c) for c in queued_cases]
 
-    validation_cases: list[CaseFiles] = []
+    validation_cases: list[CaseFiles] = []  # empty without replay data
     replayed: list[CaseFiles] = []
     if replay is not None:
         label_map = {int(k): int(v) for k, v in card.get("training", {}).get("label_map", {}).items()}
@@ -164,7 +151,7 @@ def finetune(
         "base_validation_cases": [c.case_id for c in validation_cases],
     }
     if validation_cases:
-        reference = card_reference_values(card)
+        reference = reference_values(card["classes"], model.output_labels, label_map)
         measured = evaluate_cases(model, validation_cases, reference)["mean_dice"]
         report["base_validation_before"] = validation_reference(card, report["base_validation_cases"], measured)
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]

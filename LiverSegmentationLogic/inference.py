@@ -10,13 +10,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .errors import CancelledError, InvalidImageError, ModelLoadError
 from .imageio import Volume, crop_volume, validate_volume
 from .models import LoadedModel
 from .postprocessing import postprocess_labels
-from .preprocessing import neighbour_stack, prepare_volume
+from .preprocessing import channel_array, grow_region, neighbour_stack, prepare_volume
 
 #: a voxel whose winning class probability is below this counts as uncertain
 UNCERTAIN_BELOW = 0.9
@@ -83,12 +82,12 @@ class Segmenter:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.network = model.network.to(self.device, memory_format=memory_format).eval()
         self.config = model.preprocess
-        own = set(model.card.get("output_labels", [])) or {int(c["label"]) for c in model.classes}
+        own = set(model.output_labels)  # a cascade's card also lists its first stage's classes
         self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes if c["label"] in own}
         # network output channel -> label written out (0 hides a class the network was trained on
         # only to tell it apart, e.g. spleen and kidneys in the liver model)
         n_out = model.network.config["n_classes"]
-        self.output_labels = torch.as_tensor(model.card.get("output_labels", list(range(n_out))), dtype=torch.uint8)
+        self.output_labels = torch.as_tensor(model.output_labels, dtype=torch.uint8)
         if len(self.output_labels) != n_out:
             raise ValueError(f"model card output_labels has {len(self.output_labels)} entries for {n_out} outputs")
         # sums output probabilities per written label, so uncertainty is about what the user sees
@@ -143,9 +142,7 @@ class Segmenter:
         roi = labels == self.roi_label
         timings = {f"{k} (stage 1)": v for k, v in first.timings.items()}
         if roi.any():
-            spacing_zyx = volumes[0].geometry.spacing[::-1]
-            grown = ndimage.distance_transform_edt(~roi, sampling=spacing_zyx) <= self.roi_margin_mm
-            box = ndimage.find_objects(grown.astype(np.uint8))[0]
+            grown, box = grow_region(roi, volumes[0].geometry.spacing[::-1], self.roi_margin_mm)
             second = self._segment_stage([crop_volume(v, box) for v in volumes], _staged(progress, "2/2"),
                                          is_cancelled, roi_mask=grown[box])
             inside = roi[box] & (second.labels > 0)
@@ -167,8 +164,7 @@ class Segmenter:
         """This model's network over the whole of ``volumes`` (one per channel, validated)."""
         timings = {}
         t0 = time.perf_counter()
-        array = volumes[0].array if len(volumes) == 1 else np.stack([v.array for v in volumes])
-        prepared = prepare_volume(array, volumes[0].geometry, self.config, roi_mask=roi_mask)
+        prepared = prepare_volume(channel_array(volumes), volumes[0].geometry, self.config, roi_mask=roi_mask)
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .catalog import active_model, active_versions, new_version_folder, resolve_model_folder
+from .catalog import activate as set_active
+from .catalog import active_model, new_version_folder, resolve_model_folder
 from .datasets import CaseFiles, find_all_cases, k_folds, split_cases
 from .models import LoadedModel, load_model, save_model
 from .network import UNet2D
@@ -147,10 +148,7 @@ def train_task(
     card["training"]["total_wall_time_s"] = round(time.perf_counter() - t0, 1)
     save_model(model.folder, model.network, card)
     log(f"validation mean Dice: {', '.join(f'{k} {v:.3f}' for k, v in validation_record['mean_dice'].items())}")
-    if registry_version and (activate or (activate is None and task.name not in active_versions()
-                                           and active_model(task.name) is None)):
-        from .catalog import activate as set_active
-
+    if registry_version and (activate or (activate is None and active_model(task.name) is None)):
         set_active(f"{task.name}@{version}")
         log(f"activated {task.name}@{version}")
     log(f"wrote {model.folder}")

@@ -45,6 +45,12 @@ class LoadedModel:
         return self.card["classes"]
 
     @property
+    def output_labels(self) -> list[int]:
+        """Network output index -> written label (0 hides a class the network learnt only to tell
+        it apart); every output writes its own index where the card does not say."""
+        return list(self.card.get("output_labels") or range(self.network.config["n_classes"]))
+
+    @property
     def name_version(self) -> str:
         return f"{self.card['name']} {self.card['version']}"
 

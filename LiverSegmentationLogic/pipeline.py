@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from .audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
 from .imageio import Volume, write_labelmap, write_seg_nrrd
 from .inference import ProgressCallback, SegmentationResult, Segmenter
+from .preprocessing import channel_array
 from .readouts import DEFAULT_MARGIN_MM, segmentation_readouts
 
 
@@ -58,8 +57,8 @@ def segment_case(
     result.timings["readout"] = time.perf_counter() - t0
     readout["timings"] = dict(result.timings)
     # every readout carries its audit record, wherever it is computed (CLI, batch, server, panel)
-    image = volume.array if isinstance(volume, Volume) else np.stack([v.array for v in volume])
-    readout["audit"] = audit_record(image, result.labels, result.model, readout, source=source)
+    volumes = [volume] if isinstance(volume, Volume) else list(volume)
+    readout["audit"] = audit_record(channel_array(volumes), result.labels, result.model, readout, source=source)
     return result, readout
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from .imageio import Geometry
+from .imageio import Geometry, Volume
 from .preprocess_config import PreprocessConfig
 
 __all__ = ["PreprocessConfig"]  # re-exported: defined without torch for the task files
@@ -157,14 +160,28 @@ def prepare_volume(
         raise ValueError(f"the model takes {config.channels} input channel(s), got {channels.shape[0]}")
     reorientation = AxialReorientation(geometry)
     mask = None if roi_mask is None else np.ascontiguousarray(reorientation.forward(roi_mask.astype(bool)))
+    axial_shape = reorientation.forward(channels[0]).shape
+    size = model_grid_size(axial_shape, reorientation.spacing_zyx, config)
+    pad = pad_amounts(size, config.multiple)
     planes = []
     for channel in channels:
         axial = normalise_intensity(reorientation.forward(channel), config.intensity, mask)
-        size = model_grid_size(axial.shape, reorientation.spacing_zyx, config)
-        pad = pad_amounts(size, config.multiple)
         planes.append(np.pad(resample_in_plane(axial, size), ((0, 0), pad[:2], pad[2:]), constant_values=0.0))
     image = planes[0] if len(planes) == 1 else np.stack(planes)
-    return PreparedVolume(np.ascontiguousarray(image), reorientation, tuple(axial.shape), size, pad)
+    return PreparedVolume(np.ascontiguousarray(image), reorientation, tuple(axial_shape), size, pad)
+
+
+def channel_array(volumes: Sequence[Volume]) -> np.ndarray:
+    """One image per input channel (all on one grid) -> the array :func:`prepare_volume` takes:
+    (k, j, i) for one channel, (C, k, j, i) for several."""
+    return volumes[0].array if len(volumes) == 1 else np.stack([v.array for v in volumes])
+
+
+def grow_region(region: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The region grown by ``margin_mm`` (exact in mm) and the bounding box of the grown region:
+    what the second stage of a cascade sees, at inference and in training alike."""
+    grown = ndimage.distance_transform_edt(~region, sampling=spacing_zyx) <= margin_mm
+    return grown, ndimage.find_objects(grown.astype(np.uint8))[0]
 
 
 def prepare_labels(labels: np.ndarray, prepared: PreparedVolume) -> np.ndarray:

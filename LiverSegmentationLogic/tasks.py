@@ -129,13 +129,7 @@ class Task:
 
     def reference_values(self) -> dict[str, list[int]]:
         """Written class name -> the dataset label values it is scored against."""
-        inverse: dict[int, list[int]] = {}
-        for src, dst in self.label_map.items():
-            inverse.setdefault(dst, []).append(src)
-        out = {}
-        for index, c in enumerate(self.spec["classes"], start=1):
-            if c.get("show", True):
-                out[c["name"]] = sorted(inverse.get(index, []))
+        out = reference_values(self.class_entries(), self.output_labels(), self.label_map)
         if self.cascade:  # the region class, minus what this stage writes over it
             own = {v for values in out.values() for v in values}
             out[self.cascade["roi_class"]] = [v for v in self.cascade.get("roi_labels", [1]) if v not in own]
@@ -143,6 +137,16 @@ class Task:
 
     def training_option(self, key: str, default=None):
         return self.spec.get("training", {}).get(key, default)
+
+
+def reference_values(classes: list[dict], output_labels: list[int], label_map: dict[int, int]) -> dict[str, list[int]]:
+    """Class name -> the dataset label values it is scored against: those the label map sends to
+    the network outputs that write the class's label."""
+    out = {}
+    for c in classes:
+        outputs = {i for i, label in enumerate(output_labels) if label == c["label"]}
+        out[c["name"]] = sorted(src for src, dst in label_map.items() if dst in outputs)
+    return out
 
 
 def validate_task(spec: dict, where: str = "task") -> None:

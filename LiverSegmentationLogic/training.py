@@ -13,13 +13,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from scipy import ndimage
 
 from .imageio import crop_volume, read_volume
 from .metrics import dice
 from .models import LoadedModel
 from .network import UNet2D
-from .preprocessing import PreprocessConfig, neighbour_stack, prepare_labels, prepare_volume
+from .preprocessing import (
+    PreprocessConfig,
+    channel_array,
+    grow_region,
+    neighbour_stack,
+    prepare_labels,
+    prepare_volume,
+)
 
 
 @dataclass
@@ -62,11 +68,9 @@ def load_case(
         region = np.isin(values, list(roi[0]))
         if not region.any():
             raise ValueError(f"{label_path}: no voxel of the region labels {list(roi[0])}")
-        mask = ndimage.distance_transform_edt(~region, sampling=images[0].geometry.spacing[::-1]) <= roi[1]
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        mask, box = grow_region(region, images[0].geometry.spacing[::-1], roi[1])
         images, mapped, mask = [crop_volume(v, box) for v in images], mapped[box], mask[box]
-    array = images[0].array if len(images) == 1 else np.stack([v.array for v in images])
-    prepared = prepare_volume(array, images[0].geometry, config, roi_mask=mask)
+    prepared = prepare_volume(channel_array(images), images[0].geometry, config, roi_mask=mask)
     return TrainingCase(name or Path(paths[0]).name, prepared.image, prepare_labels(mapped, prepared))
 
 
