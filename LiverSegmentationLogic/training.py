@@ -85,8 +85,8 @@ def augment_batch(
     """
     b, _, h, w = images.shape
 
-    def rand(*shape, lo=-1.0, hi=1.0):
-        return lo + (hi - lo) * torch.rand(*shape, generator=generator)
+    def rand(*shape, lo=-1.0, hi=1.0):  # drawn on the CPU generator, used where the images are
+        return (lo + (hi - lo) * torch.rand(*shape, generator=generator)).to(images.device)
 
     angle = rand(b) * math.radians(10) * strength
     scale = 1.0 + rand(b) * 0.1 * strength
@@ -105,7 +105,7 @@ def augment_batch(
     gamma = torch.exp(rand(b, 1, 1, 1) * 0.3 * strength)
     images = images.clamp(0, 1) ** gamma
     images = images * (1 + rand(b, 1, 1, 1) * 0.1 * strength) + rand(b, 1, 1, 1) * 0.05 * strength
-    images = images + torch.randn(images.shape, generator=generator) * 0.01 * strength
+    images = images + torch.randn(images.shape, generator=generator).to(images.device) * 0.01 * strength
     return images, labels[:, 0].long()
 
 
@@ -120,6 +120,8 @@ class TrainConfig:
     seed: int = 0
     #: cross-entropy weight per class (background first); None: all 1
     class_weights: Optional[Sequence[float]] = None
+    #: "cpu", "cuda", ...: where the network trains (the data stays on the CPU until each batch)
+    device: str = "cpu"
 
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
@@ -162,8 +164,11 @@ def train_network(
     """Train in place; returns the mean loss of each epoch.
 
     A checkpoint (network, optimiser, epoch, RNG states) is written after each epoch when
-    ``checkpoint`` is given, and training resumes from it if it exists.
+    ``checkpoint`` is given, and training resumes from it if it exists. The network is returned
+    on the CPU whatever ``train.device`` was.
     """
+    device = torch.device(train.device)
+    network.to(device)
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
     generator = torch.Generator().manual_seed(train.seed)
@@ -171,17 +176,17 @@ def train_network(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, train.epochs) / train.epochs))
     )
-    weight = None if train.class_weights is None else torch.tensor(train.class_weights, dtype=torch.float32)
+    weight = None if train.class_weights is None else torch.tensor(train.class_weights, device=device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
     start_epoch, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own file
+        state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, losses = state["epoch"], state["losses"]
         rng.bit_generator.state = state["numpy_rng"]
-        generator.set_state(state["torch_rng"])
+        generator.set_state(state["torch_rng"].cpu())
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
     k = config.neighbours
     t_start = time.perf_counter()
@@ -197,7 +202,7 @@ def train_network(
                 continue
             x, y = _batch([neighbour_stack(cases[c].image, [z], k)[0] for c, z in chunk],
                           [cases[c].labels[z] for c, z in chunk])
-            x, y = augment_batch(x, y, generator)
+            x, y = augment_batch(x.to(device), y.to(device), generator)
             loss = loss_fn(network(x), y[:, None])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,7 +231,7 @@ def train_network(
         if elapsed > train.time_budget_s:
             log(f"time budget of {train.time_budget_s:.0f}s reached after epoch {epoch + 1}")
             break
-    network.eval()
+    network.cpu().eval()
     return losses
 
 
