@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .catalog import CARD_NAME, WEIGHTS_NAME, resolve_model_folder
 from .errors import ModelLoadError, ModelNotFoundError
-from .network import UNet2D
+from .network import build_network
 from .preprocessing import PreprocessConfig
 
 CARD_SCHEMA_VERSION = 1
@@ -31,7 +32,7 @@ def sha256_of(path: Path) -> str:
 class LoadedModel:
     """A ready network with its card."""
 
-    network: UNet2D
+    network: nn.Module  # UNet2D or UNetEnsemble
     card: dict
     folder: Path
 
@@ -83,7 +84,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
         )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        network = UNet2D(**card["network"])
+        network = build_network(card["network"])
         network.load_state_dict({k: v.float() for k, v in state.items()})
     except Exception as exc:  # torch raises many types for bad files; all mean "corrupt"
         raise ModelLoadError(f"Cannot load model weights {weights}: {exc}") from exc
@@ -91,7 +92,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     return LoadedModel(network, card, folder)
 
 
-def save_model(folder: str | os.PathLike, network: UNet2D, card: dict) -> Path:
+def save_model(folder: str | os.PathLike, network: nn.Module, card: dict) -> Path:
     """Write weights (float16, to keep the file small) and the card with their sha256.
 
     Writes to temporary names and renames, so a crash leaves no half model.

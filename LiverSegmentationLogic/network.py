@@ -94,7 +94,45 @@ class UNet2D(nn.Module):
         return self.head(x)
 
 
-def count_flops_per_slice(model: UNet2D, height: int, width: int) -> float:
+class UNetEnsemble(nn.Module):
+    """U-Nets of one configuration, trained apart (other seeds), whose probabilities are averaged.
+
+    ``forward`` returns the log of the mean softmax, so whatever takes a softmax or an argmax of a
+    U-Net's output (inference, uncertainty, the Dice + CE loss when fine-tuning) sees the mean.
+
+    Args:
+        members: the trained networks (at least 2, same ``config``).
+    """
+
+    def __init__(self, members: list[UNet2D]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        if any(m.config != members[0].config for m in members):
+            raise ValueError("ensemble members must share one network configuration")
+        self.members = nn.ModuleList(members)
+        self.config = dict(members[0].config, members=len(members))
+
+    @property
+    def stride(self) -> int:
+        return self.members[0].stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return mean.clamp_min(1e-7).log()  # the clamp keeps -inf out of the loss when fine-tuning
+
+
+def build_network(config: dict) -> nn.Module:
+    """The (untrained) network a model card's ``network`` entry describes: a :class:`UNet2D`, or a
+    :class:`UNetEnsemble` when it has ``members``."""
+    options = dict(config)
+    members = int(options.pop("members", 1))
+    if members == 1:
+        return UNet2D(**options)
+    return UNetEnsemble([UNet2D(**options) for _ in range(members)])
+
+
+def count_flops_per_slice(model: nn.Module, height: int, width: int) -> float:
     """Multiply-adds x 2 of one forward pass on a (1, C, height, width) input (conv layers only)."""
     flops = 0.0
 

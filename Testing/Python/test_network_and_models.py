@@ -6,7 +6,7 @@ import torch
 from LiverSegmentationLogic.errors import ModelLoadError, ModelNotFoundError
 from LiverSegmentationLogic.catalog import CARD_NAME, WEIGHTS_NAME
 from LiverSegmentationLogic.models import load_model, save_model
-from LiverSegmentationLogic.network import UNet2D, count_flops_per_slice
+from LiverSegmentationLogic.network import UNet2D, UNetEnsemble, build_network, count_flops_per_slice
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -58,6 +58,32 @@ def test_save_and_load_round_trip(tmp_path):
     # weights are stored in float16: outputs agree to half precision
     torch.testing.assert_close(loaded.network(x), net(x), atol=2e-2, rtol=2e-2)
     assert load_model(folder / CARD_NAME).card["name"] == "tiny"
+
+
+def test_ensemble_averages_the_members_probabilities(tmp_path):
+    torch.manual_seed(0)
+    members = [UNet2D(3, 3, width=4, depth=2).eval() for _ in range(2)]
+    ensemble = UNetEnsemble(members).eval()
+    x = torch.rand(2, 3, 16, 16)
+    mean = (members[0](x).softmax(1) + members[1](x).softmax(1)) / 2
+    torch.testing.assert_close(ensemble(x).softmax(1), mean)
+    assert ensemble.config == dict(members[0].config, members=2) and ensemble.stride == 4
+    assert count_flops_per_slice(ensemble, 16, 16) == pytest.approx(2 * count_flops_per_slice(members[0], 16, 16))
+    # saved as one model, rebuilt from its card
+    card = {"name": "pair", "version": "0.0.1", "classes": [{"label": 1, "name": "liver", "color": [1, 0, 0]}],
+            "preprocessing": {"spacing_xy": [2, 2], "neighbours": 1,
+                              "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5}}}
+    loaded = load_model(save_model(tmp_path / "pair", ensemble, card))
+    assert isinstance(loaded.network, UNetEnsemble) and loaded.card["network"]["members"] == 2
+    torch.testing.assert_close(loaded.network(x).softmax(1), mean, atol=2e-2, rtol=2e-2)
+    assert isinstance(build_network(members[0].config), UNet2D)
+
+
+def test_ensemble_rejects_a_single_or_mismatched_member():
+    with pytest.raises(ValueError, match="at least 2"):
+        UNetEnsemble([UNet2D(3, 2, width=4, depth=2)])
+    with pytest.raises(ValueError, match="share one network configuration"):
+        UNetEnsemble([UNet2D(3, 2, width=4, depth=2), UNet2D(3, 2, width=8, depth=2)])
 
 
 def test_missing_and_corrupt_models(tmp_path, monkeypatch):
