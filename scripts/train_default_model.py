@@ -8,6 +8,13 @@ neighbours is what it has to learn). It is written twice:
 - ``abdomen-mr-t2``: outputs all four organs.
 Trains on 11 patients, validates on 3 held-out patients with the full inference pipeline (Dice on
 the input grid) and writes weights + model cards.
+
+Training on a GPU machine that has neither the data nor SimpleITK, in two steps:
+
+    python scripts/train_default_model.py --cache cases.npz --cache-only          # here
+    python scripts/train_default_model.py --cache cases.npz --device cuda \
+        --skip-validation --models OUT                                            # there
+    python scripts/train_default_model.py --validate-only --init OUT/liver-mr-t2   # here
 """
 
 from __future__ import annotations
@@ -19,15 +26,16 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.datasets import find_cases, select_cases
 from LiverSegmentationLogic.models import LoadedModel, load_model, save_model
-from LiverSegmentationLogic.network import UNet2D
+from LiverSegmentationLogic.network import UNet2D, UNetEnsemble
 from LiverSegmentationLogic.preprocessing import PreprocessConfig
 from LiverSegmentationLogic.tasks import load_task
-from LiverSegmentationLogic.training import TrainConfig, evaluate_cases, load_case, train_network
+from LiverSegmentationLogic.training import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
 
 VALIDATION = [2, 21, 31]  # held out; patient 21 is also the bundled demo sample
 LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4}  # CHAOS: 1 liver, 2 right kidney, 3 left kidney, 4 spleen
@@ -42,69 +50,144 @@ def main():
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--spacing", type=float, default=2.0, help="in-plane model grid, mm")
+    p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--init", type=Path, default=None, help="start from this model folder's weights")
     p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    p.add_argument("--note", default=None, help="written into the cards as 'notes' (e.g. how members were chosen)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="prepared training cases (.npz): written if absent, read instead of the data if present")
+    p.add_argument("--cache-only", action="store_true", help="write --cache and stop")
+    p.add_argument("--skip-validation", action="store_true",
+                   help="write the models without validating them (no data here); see --validate-only")
+    p.add_argument("--validate", type=Path, nargs="+", default=None, metavar="MODEL",
+                   help="do not train: validate this model (several: their ensemble) and write both cards")
     args = p.parse_args()
 
     tasks = {name: load_task(name) for name in ("liver-mr-t2", "abdomen-mr-t2")}  # one network, two views
     config = tasks["liver-mr-t2"].preprocess_config()
     if args.spacing != config.spacing_xy[0]:
         config = PreprocessConfig.from_dict(dict(config.to_dict(), spacing_xy=[args.spacing, args.spacing]))
-    cases = find_cases(args.data)
-    train_cases = [c for c in cases if c not in select_cases(cases, [str(n) for n in VALIDATION])]
-    validation_cases = select_cases(cases, [str(n) for n in VALIDATION])
-    t0 = time.perf_counter()
-    loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in train_cases]
-    print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
-    network = UNet2D(in_channels=config.in_channels, n_classes=5, width=16, depth=4, dropout=0.1)
+    train_names = None
+    if args.validate:
+        trained = [load_model(folder) for folder in args.validate]
+        network, card = trained[0].network, dict(trained[0].card, version=args.version)
+        training = trained[0].card["training"]
+        if len(trained) > 1:
+            network, training = UNetEnsemble([m.network for m in trained]), _ensemble_record(trained)
+        for name, task in tasks.items():
+            _validate_and_save(args, name, task, network, card, training)
+        return
+    if args.cache is not None and args.cache.exists():
+        loaded = _read_cache(args.cache)
+        print(f"read {len(loaded)} prepared training cases from {args.cache}")
+    else:
+        t0 = time.perf_counter()
+        train_names = _train_cases(args.data)
+        loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in train_names]
+        print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
+        if args.cache is not None:
+            np.savez_compressed(args.cache, **{f"{c.name}/image": c.image.astype(np.float16) for c in loaded},
+                                **{f"{c.name}/labels": c.labels for c in loaded})
+            print(f"wrote {args.cache}")
+    if args.cache_only:
+        return
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    network = UNet2D(in_channels=config.in_channels, n_classes=5, width=args.width, depth=4, dropout=0.1)
     init = None
     if args.init is not None:  # continue training a shipped model (warm restart of the schedule)
         init = load_model(args.init)
         network.load_state_dict(init.network.state_dict())
-    train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget, learning_rate=args.learning_rate)
-    cards = {name: dict(task.card(), version=args.version, preprocessing=config.to_dict())
-             for name, task in tasks.items()}
-    for card in cards.values():
-        card["initialised_from"] = init and init.name_version
+    train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget, learning_rate=args.learning_rate,
+                        seed=args.seed, device=device)
     t0 = time.perf_counter()
     losses = train_network(network, loaded, config, train, checkpoint=args.checkpoint)
-    train_s = time.perf_counter() - t0
+    training = _training_record([c.name for c in loaded], train, losses, time.perf_counter() - t0,
+                                init and init.name_version)
+    for name, task in tasks.items():
+        card = dict(task.card(), version=args.version, preprocessing=config.to_dict())
+        if args.skip_validation:
+            card.update(training=training, validation={"pending": "run --validate-only on this model"})
+            save_model(args.models / name, network, _dated(card))
+            print(f"wrote {args.models / name} (not validated)")
+        else:
+            _validate_and_save(args, name, task, network, card, training)
 
-    for name, card in cards.items():
-        model = LoadedModel(network, dict(card, sha256=""), args.models / name)
-        validation = evaluate_cases(model, validation_cases, tasks[name].reference_values())
-        print(name, json.dumps(validation, indent=2))
-        _finish_card(card, validation, train_cases, validation_cases, train, losses, train_s)
-        save_model(args.models / name, network, card)
-        print(f"wrote {args.models / name}")
+
+def _ensemble_record(members) -> dict:
+    """One training record for networks trained apart on the same cases: what they share once,
+    what differs (seed, epochs, loss, hardware) per member."""
+    shared = ("data", "split", "train_cases", "label_map", "loss", "optimiser", "augmentation")
+    records = [m.card["training"] for m in members]
+    if any(r["train_cases"] != records[0]["train_cases"] for r in records):
+        raise SystemExit("ensemble members were trained on different cases")
+    return {
+        **{k: records[0][k] for k in shared if k in records[0]},
+        "ensemble": f"mean probability of {len(records)} networks trained apart (other seeds)",
+        "members": [{k: v for k, v in r.items() if k not in shared} for r in records],
+    }
 
 
-def _finish_card(card, validation, train_cases, validation_cases, train, losses, train_s):
+def _train_cases(data: Path):
+    cases = find_cases(data)
+    return [c for c in cases if c not in select_cases(cases, [str(n) for n in VALIDATION])]
+
+
+def _read_cache(path: Path) -> list[TrainingCase]:
+    with np.load(path) as archive:
+        names = sorted({key.rsplit("/", 1)[0] for key in archive.files})
+        return [TrainingCase(n, archive[f"{n}/image"].astype(np.float32), archive[f"{n}/labels"]) for n in names]
+
+
+def _validate_and_save(args, name, task, network, card, training):
+    """Validate on the held-out patients with the full pipeline and write weights + card."""
+    cases = find_cases(args.data)
+    validation_cases = select_cases(cases, [str(n) for n in VALIDATION])
+    card = dict(card, **{k: v for k, v in task.card().items() if k not in ("version", "preprocessing")})
+    model = LoadedModel(network, dict(card, sha256=""), args.models / name)
+    validation = evaluate_cases(model, validation_cases, task.reference_values())
+    print(name, json.dumps(validation, indent=2))
+    if args.note:
+        card["notes"] = args.note
     card.update(
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        tool_version=__version__,
-        training={
-            "data": "CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021, "
-            "doi:10.1016/j.media.2020.101950; CC BY-SA 4.0), preprocessed release of shenqq377/Q-Net",
-            "split": "patient-wise",
-            "train_cases": [c.case_id for c in train_cases],
-            "label_map": {str(k): v for k, v in LABEL_MAP.items()},
-            "epochs_run": len(losses),
-            "initialised_from": card.pop("initialised_from", None),
-            "final_loss": losses[-1],
-            "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
-            "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}",
-            "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
-            "seed": train.seed,
-            "wall_time_s": round(train_s, 1),
-            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
-        },
+        training=training,
         validation={
             "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
             "validation_cases": [c.case_id for c in validation_cases],
             **validation,
         },
     )
+    save_model(args.models / name, network, _dated(card))
+    print(f"wrote {args.models / name}")
+
+
+def _dated(card: dict) -> dict:
+    return dict(card, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                tool_version=__version__)
+
+
+def _training_record(train_cases, train, losses, train_s, initialised_from) -> dict:
+    if train.device.startswith("cuda"):
+        hardware = torch.cuda.get_device_name(torch.device(train.device))
+    else:
+        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    return {
+        "data": "CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021, "
+        "doi:10.1016/j.media.2020.101950; CC BY-SA 4.0), preprocessed release of shenqq377/Q-Net",
+        "split": "patient-wise",
+        "train_cases": list(train_cases),
+        "label_map": {str(k): v for k, v in LABEL_MAP.items()},
+        "epochs_run": len(losses),
+        "initialised_from": initialised_from,
+        "final_loss": losses[-1],
+        "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
+        "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}",
+        "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
+        "seed": train.seed,
+        "wall_time_s": round(train_s, 1),
+        "hardware": hardware,
+    }
 
 
 if __name__ == "__main__":
