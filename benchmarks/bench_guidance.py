@@ -32,7 +32,8 @@ def main():
     p.add_argument("--fraction", type=float, default=0.1)
     args = p.parse_args()
     card = json.loads((resolve_model_folder(args.model) / CARD_NAME).read_text())
-    patients = card["training"]["validation_patients"]
+    # cards name held-out cases "<dataset folder>/<patient>"
+    patients = [str(c).rsplit("/", 1)[-1] for c in card["validation"]["validation_cases"]]
     segmenter = Segmenter(load_model(args.model))
     print(f"model {card['name']} {card['version']}; held-out patients {patients}; "
           f"flagging the top {args.fraction:.0%} of slices\n")
