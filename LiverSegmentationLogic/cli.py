@@ -214,6 +214,7 @@ def cmd_train(args) -> int:
         seed=args.seed,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         activate=True if args.activate else None,
+        device=args.device,
     )
     return 0
 
@@ -231,6 +232,7 @@ def cmd_finetune(args) -> int:
         learning_rate=args.learning_rate,
         tolerance=args.tolerance,
         seed=args.seed,
+        device=args.device,
     )
     return 0 if result.promoted else 3
 
@@ -401,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file: written each epoch, resumed from if present")
     p.add_argument("--activate", action="store_true", help="make the new version active")
+    p.add_argument("--device", default="auto", help="where to train: auto (CUDA if present), cpu, cuda")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on the queue; activate it only if it validates")
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--tolerance", type=float, default=0.02, help="largest allowed Dice loss on the base validation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="where to train: auto (CUDA if present), cpu, cuda")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("models", help="the model registry: list, activate, info")

@@ -32,6 +32,7 @@ from .case_queue import CaseQueue
 from .catalog import activate, new_version_folder
 from .datasets import CaseFiles, find_cases, select_cases
 from .errors import LiverSegError
+from .inference import resolve_device
 from .models import LoadedModel, load_model, save_model
 from .preprocessing import neighbour_stack
 from .tasks import reference_values
@@ -87,6 +88,7 @@ def finetune(
     learning_rate: float = 5e-4,
     tolerance: float = 0.02,
     seed: int = 0,
+    device: str = "auto",
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the cases of ``queue`` and promote the result if it validates.
@@ -99,7 +101,9 @@ def finetune(
             Without it nothing guards the old domain, so the result is never activated.
         replay_cases: replay cases mixed in (default: as many as queued cases, at least 2).
         tolerance: largest allowed loss of Dice on any class of the base validation set.
+        device: where the network trains (``"auto"``: CUDA if present).
     """
+    resolve_device(device)  # an unusable device fails now, not after the cases are read
     model = load_model(base)
     card = model.card
     if card.get("cascade"):
@@ -134,7 +138,7 @@ def finetune(
 
     network = copy.deepcopy(model.network).train()
     train = TrainConfig(epochs=epochs, learning_rate=learning_rate, time_budget_s=time_budget_s, seed=seed,
-                        background_fraction=0.3)
+                        background_fraction=0.3, device=device)
     losses = train_network(network, cases, model.preprocess, train, log=log)
     train_s = time.perf_counter() - t0
 

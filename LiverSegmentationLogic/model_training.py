@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from . import __version__
 from .catalog import activate as set_active
 from .catalog import active_model, new_version_folder, resolve_model_folder
 from .datasets import CaseFiles, find_all_cases, k_folds, split_cases
+from .inference import resolve_device
 from .models import LoadedModel, load_model, save_model
 from .network import UNet2D
 from .tasks import Task
@@ -27,6 +27,7 @@ from .training import (
     TrainingCase,
     balanced_class_weights,
     evaluate_cases,
+    hardware_description,
     load_case,
     train_network,
 )
@@ -52,7 +53,8 @@ def new_network(task: Task) -> UNet2D:
     return UNet2D(in_channels=task.preprocess_config().in_channels, n_classes=task.n_classes, **options)
 
 
-def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_budget_s=None, seed=0) -> TrainConfig:
+def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_budget_s=None, seed=0,
+                 device="auto") -> TrainConfig:
     weights = task.training_option("class_weights")
     if weights == "balanced":
         weights = balanced_class_weights(cases, task.n_classes)
@@ -65,6 +67,7 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
         time_budget_s=float("inf") if time_budget_s is None else float(time_budget_s),
         seed=seed,
         class_weights=weights,
+        device=device,
     )
 
 
@@ -95,6 +98,7 @@ def train_task(
     seed: int = 0,
     checkpoint: Optional[Path] = None,
     activate: Optional[bool] = None,
+    device: str = "auto",
     log: Callable[[str], None] = print,
 ) -> LoadedModel:
     """Train, validate and write a model for ``task``.
@@ -108,7 +112,9 @@ def train_task(
             the shipped model on every case.
         activate: make the new registry version active; default: only if the task has no active
             model yet.
+        device: where the network trains: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``.
     """
+    resolve_device(device)  # an unusable device fails now, not after the cases are read
     cases = find_all_cases(datasets, len(task.channels))
     reference = task.reference_values()
     t0 = time.perf_counter()
@@ -117,7 +123,7 @@ def train_task(
         for f, held in enumerate(k_folds(cases, folds, seed)):
             log(f"fold {f + 1}/{folds}: validating on {', '.join(c.case_id for c in held)}")
             train_cases = [c for c in cases if c not in held]
-            model = _fit(task, train_cases, epochs, time_budget_s, seed, None, log, Path(tempfile.mkdtemp()))
+            model = _fit(task, train_cases, epochs, time_budget_s, seed, device, None, log, Path(tempfile.mkdtemp()))
             per_fold.append(evaluate_cases(model, held, reference))
             shutil.rmtree(model.folder, ignore_errors=True)
         names = list(reference)
@@ -137,7 +143,8 @@ def train_task(
         version, output = new_version_folder(task.name, version, "train")
     log(f"training {task.name} {version} on {len(train_cases)} case(s)"
         + (f", validating on {', '.join(c.case_id for c in held)}" if held else ""))
-    model = _fit(task, train_cases, epochs, time_budget_s, seed, checkpoint, log, Path(output), version, datasets)
+    model = _fit(task, train_cases, epochs, time_budget_s, seed, device, checkpoint, log, Path(output), version,
+                 datasets)
     if validation_record is None:
         validation_record = {"method": "patient-wise hold-out", **evaluate_cases(model, held, reference)}
     card = dict(model.card, validation={
@@ -155,10 +162,10 @@ def train_task(
     return load_model(model.folder)
 
 
-def _fit(task, cases, epochs, time_budget_s, seed, checkpoint, log, folder: Path, version="cv",
+def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, folder: Path, version="cv",
          datasets=()) -> LoadedModel:
     loaded = load_task_cases(task, cases)
-    train = train_config(task, loaded, epochs, time_budget_s, seed)
+    train = train_config(task, loaded, epochs, time_budget_s, seed, device)
     torch.manual_seed(seed)
     network = new_network(task)
     t0 = time.perf_counter()
@@ -181,7 +188,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, checkpoint, log, folder: Path
             "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
             "seed": seed,
             "wall_time_s": round(time.perf_counter() - t0, 1),
-            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
+            "hardware": hardware_description(device),
         },
     )
     return _write_model(folder, task, network, card)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from .imageio import crop_volume, read_volume
+from .inference import resolve_device
 from .metrics import dice
 from .models import LoadedModel
 from .network import UNet2D
@@ -120,8 +122,9 @@ class TrainConfig:
     seed: int = 0
     #: cross-entropy weight per class (background first); None: all 1
     class_weights: Optional[Sequence[float]] = None
-    #: "cpu", "cuda", ...: where the network trains (the data stays on the CPU until each batch)
-    device: str = "cpu"
+    #: "auto" (CUDA if present), "cpu", "cuda"...: where the network trains (the data stays on
+    #: the CPU until each batch)
+    device: str = "auto"
 
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
@@ -167,7 +170,7 @@ def train_network(
     ``checkpoint`` is given, and training resumes from it if it exists. The network is returned
     on the CPU whatever ``train.device`` was.
     """
-    device = torch.device(train.device)
+    device = resolve_device(train.device)
     network.to(device)
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
@@ -233,6 +236,14 @@ def train_network(
             break
     network.cpu().eval()
     return losses
+
+
+def hardware_description(device: str | torch.device = "auto") -> str:
+    """What a training ran on, for the model card."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
 def balanced_class_weights(cases: Sequence[TrainingCase], n_classes: int, cap: float = 50.0) -> list[float]:

@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.datasets import find_cases, select_cases
@@ -35,7 +33,14 @@ from LiverSegmentationLogic.models import LoadedModel, load_model, save_model
 from LiverSegmentationLogic.network import UNet2D, UNetEnsemble
 from LiverSegmentationLogic.preprocessing import PreprocessConfig
 from LiverSegmentationLogic.tasks import load_task
-from LiverSegmentationLogic.training import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
+from LiverSegmentationLogic.training import (
+    TrainConfig,
+    TrainingCase,
+    evaluate_cases,
+    hardware_description,
+    load_case,
+    train_network,
+)
 
 VALIDATION = [2, 21, 31]  # held out; patient 21 is also the bundled demo sample
 LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4}  # CHAOS: 1 liver, 2 right kidney, 3 left kidney, 4 spleen
@@ -93,14 +98,13 @@ def main():
             print(f"wrote {args.cache}")
     if args.cache_only:
         return
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     network = UNet2D(in_channels=config.in_channels, n_classes=5, width=args.width, depth=4, dropout=0.1)
     init = None
     if args.init is not None:  # continue training a shipped model (warm restart of the schedule)
         init = load_model(args.init)
         network.load_state_dict(init.network.state_dict())
     train = TrainConfig(epochs=args.epochs, time_budget_s=args.time_budget, learning_rate=args.learning_rate,
-                        seed=args.seed, device=device)
+                        seed=args.seed, device=args.device)
     t0 = time.perf_counter()
     losses = train_network(network, loaded, config, train, checkpoint=args.checkpoint)
     training = _training_record([c.name for c in loaded], train, losses, time.perf_counter() - t0,
@@ -168,10 +172,6 @@ def _dated(card: dict) -> dict:
 
 
 def _training_record(train_cases, train, losses, train_s, initialised_from) -> dict:
-    if train.device.startswith("cuda"):
-        hardware = torch.cuda.get_device_name(torch.device(train.device))
-    else:
-        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
     return {
         "data": "CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021, "
         "doi:10.1016/j.media.2020.101950; CC BY-SA 4.0), preprocessed release of shenqq377/Q-Net",
@@ -186,7 +186,7 @@ def _training_record(train_cases, train, losses, train_s, initialised_from) -> d
         "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
         "seed": train.seed,
         "wall_time_s": round(train_s, 1),
-        "hardware": hardware,
+        "hardware": hardware_description(train.device),
     }
 
 

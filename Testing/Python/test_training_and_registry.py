@@ -96,6 +96,9 @@ def test_tiny_training_reduces_loss_and_writes_a_loadable_model_with_a_card(home
     assert card["validation"]["validation_cases"] == ["mr/21"]
     assert set(card["validation"]["mean_dice"]) == {"liver", "right kidney", "left kidney", "spleen"}
     assert card["training"]["train_cases"] == ["mr/1"]
+    torch = pytest.importorskip("torch")  # device "auto": the GPU where there is one
+    expected = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU threads"
+    assert expected in card["training"]["hardware"]
     # the checkpoint resumes: asking for the same epochs again trains no further
     again = train_task(task, [data], output=tmp_path / "again", epochs=4, validation=["21"],
                        checkpoint=tmp_path / "ckpt.pt", log=lambda m: None)
@@ -172,6 +175,16 @@ def test_finetune_needs_queued_cases(home, tmp_path):
 
     with pytest.raises(FinetuneError, match="holds no cases"):
         finetune("liver-mr-t2", tmp_path / "empty-queue")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_training_on_a_missing_gpu_fails_at_once_with_a_clear_message(home, tmp_path, capsys):
+    queue = tmp_path / "no-queue-needed"
+    assert liverseg_main(["finetune", "--queue", str(queue), "--device", "cuda"]) == 2
+    assert liverseg_main(["train", str(tmp_path), "--task", "liver-mr-t2", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("CUDA was requested but no CUDA device is available") == 2
+    assert "Traceback" not in err
 
 
 def test_models_cli_lists_and_describes(home, capsys):
