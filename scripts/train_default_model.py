@@ -65,7 +65,7 @@ def main():
                    help="prepared training cases (.npz): written if absent, read instead of the data if present")
     p.add_argument("--cache-only", action="store_true", help="write --cache and stop")
     p.add_argument("--skip-validation", action="store_true",
-                   help="write the models without validating them (no data here); see --validate-only")
+                   help="write the models without validating them (no data here); see --validate")
     p.add_argument("--validate", type=Path, nargs="+", default=None, metavar="MODEL",
                    help="do not train: validate this model (several: their ensemble) and write both cards")
     args = p.parse_args()
@@ -74,7 +74,6 @@ def main():
     config = tasks["liver-mr-t2"].preprocess_config()
     if args.spacing != config.spacing_xy[0]:
         config = PreprocessConfig.from_dict(dict(config.to_dict(), spacing_xy=[args.spacing, args.spacing]))
-    train_names = None
     if args.validate:
         trained = [load_model(folder) for folder in args.validate]
         network, card = trained[0].network, dict(trained[0].card, version=args.version)
@@ -89,8 +88,7 @@ def main():
         print(f"read {len(loaded)} prepared training cases from {args.cache}")
     else:
         t0 = time.perf_counter()
-        train_names = _train_cases(args.data)
-        loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in train_names]
+        loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in _train_cases(args.data)]
         print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
         if args.cache is not None:
             np.savez_compressed(args.cache, **{f"{c.name}/image": c.image.astype(np.float16) for c in loaded},
@@ -112,7 +110,7 @@ def main():
     for name, task in tasks.items():
         card = dict(task.card(), version=args.version, preprocessing=config.to_dict())
         if args.skip_validation:
-            card.update(training=training, validation={"pending": "run --validate-only on this model"})
+            card.update(training=training, validation={"pending": "run --validate on this model"})
             save_model(args.models / name, network, _dated(card))
             print(f"wrote {args.models / name} (not validated)")
         else:
