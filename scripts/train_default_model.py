@@ -9,12 +9,16 @@ neighbours is what it has to learn). It is written twice:
 Trains on 11 patients, validates on 3 held-out patients with the full inference pipeline (Dice on
 the input grid) and writes weights + model cards.
 
-Training on a GPU machine that has neither the data nor SimpleITK, in two steps:
+The shipped version 2.0.0 is an ensemble of two networks trained apart (seeds 3 and 4) on a GPU
+machine that had neither the data nor SimpleITK, in three steps:
 
-    python scripts/train_default_model.py --cache cases.npz --cache-only          # here
-    python scripts/train_default_model.py --cache cases.npz --device cuda \
-        --skip-validation --models OUT                                            # there
-    python scripts/train_default_model.py --validate-only --init OUT/liver-mr-t2   # here
+    python scripts/train_default_model.py --cache cases.npz --cache-only             # here
+    python scripts/train_default_model.py --cache cases.npz --device cuda --seed 3 \
+        --epochs 258 --skip-validation --models members/3                           # there (and seed 4)
+    python scripts/train_default_model.py --validate members/3/liver-mr-t2 \
+        members/4/liver-mr-t2 --version 2.0.0                                        # here
+
+``--validate`` with several trained models ships their ensemble (mean of the probabilities).
 """
 
 from __future__ import annotations
