@@ -1,4 +1,4 @@
-"""Reproduce the shipped default models, trained on CHAOS MR T2-SPIR with a patient-wise split.
+r"""Reproduce the shipped default models, trained on CHAOS MR T2-SPIR with a patient-wise split.
 
     python scripts/train_default_model.py --data ../shared/data/chaos-mr-t2 --models Resources/Models
 
