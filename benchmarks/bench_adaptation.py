@@ -82,8 +82,10 @@ def main():
         mean = np.mean([v["liver"] for v in per_case.values()])
         flag = "-" if promoted is None else ("yes" if promoted else "no")
         print(f"| {name} | {wall} | " + " | ".join(cells) + f" | {mean:.3f} | {flag} |")
+    base_mr = base.card.get("validation", {}).get("mean_dice", {}).get("liver")
     print(f"\nactive model at the end: {active.ref}; its liver Dice on the MR validation patients: "
-          f"{mr if mr is None else round(mr, 3)} (base 0.906)")
+          f"{mr if mr is None else round(mr, 3)} (base {base.name_version}: "
+          f"{base_mr if base_mr is None else round(base_mr, 3)})")
     print(f"fine-tuning: {args.epochs} epochs at most, {args.time_budget:.0f} s budget per step, "
           f"queued cases + MR replay cases; work folder {work}")
 
