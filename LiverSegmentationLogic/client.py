@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import zmq
@@ -25,7 +25,8 @@ from .errors import (
 from .audit import array_sha256
 from .imageio import Volume
 from .inference import ProgressCallback, SegmentationResult
-from .protocol import PROTOCOL_VERSION, decode_array, encode_array, pack, unpack
+from .preprocessing import channel_array
+from .protocol import PROTOCOL_VERSION, channel_array_name, decode_array, encode_array, pack, unpack
 
 HEARTBEAT_S = 1.0  # well under the server's client timeout (10 s by default)
 
@@ -200,7 +201,7 @@ class InferenceClient:
 
     def segment(
         self,
-        volume: Volume,
+        volume: Volume | Sequence[Volume],
         ff_map: Optional[Volume] = None,
         margin_mm: float = 3.0,
         ff_unit: str = "auto",
@@ -210,10 +211,13 @@ class InferenceClient:
     ) -> tuple[SegmentationResult, dict]:
         """Remote :func:`pipeline.segment_case`: same result, same progress callback.
 
+        ``volume`` is the scan, or one scan per input channel of a multi-channel model.
         ``label_compression`` is how the server sends the labelmap back (zlib shrinks a labelmap
         about 50-fold for a few milliseconds; see benchmarks/bench_remote.py)."""
         self._negotiate()
-        arrays = [encode_array("image", _sendable(volume.array), volume.geometry, self.compression)]
+        volumes = [volume] if isinstance(volume, Volume) else list(volume)
+        arrays = [encode_array(channel_array_name(i), _sendable(v.array), v.geometry, self.compression)
+                  for i, v in enumerate(volumes)]
         if ff_map is not None:
             arrays.append(encode_array("ff_map", _sendable(ff_map.array), ff_map.geometry, self.compression))
 
@@ -234,7 +238,7 @@ class InferenceClient:
         readout["timings"]["client_total"] = time.perf_counter() - t0
         # the server hashed what it received (float32 for float images); the audit names the
         # caller's own array
-        readout["audit"]["input"]["sha256"] = array_sha256(volume.array)
+        readout["audit"]["input"]["sha256"] = array_sha256(channel_array(volumes))
         result = SegmentationResult(
             labels=labels, geometry=geometry, classes=header["classes"], model=readout["model"],
             timings=readout["timings"],

@@ -9,6 +9,9 @@ Request:  [header, buffer...] with header
 Reply:    [header, buffer...] with header
     {"protocol": 1, "id": "...", "status": "ok" | "error" | "cancelled" | "event", ...}
 
+A multi-channel scan (one image per input channel of the model, e.g. in-phase + opposed-phase)
+travels as arrays named "image", "image_1", "image_2"... in channel order.
+
 Arrays travel as their raw bytes (C order, little-endian), never pickled. Every decoding step is
 checked and fails with :class:`ProtocolError`, which the server turns into an error reply.
 """
@@ -16,6 +19,7 @@ checked and fails with :class:`ProtocolError`, which the server turns into an er
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from typing import Sequence
 
@@ -150,3 +154,19 @@ def volume_from(header: dict, buffers: list, name: str) -> Volume | None:
                 raise ProtocolError(f"array {name!r} must be 3D, got shape {list(array.shape)}")
             return Volume(array, geometry)
     return None
+
+
+def channel_array_name(index: int) -> str:
+    """The array name of input channel ``index``: "image" for the first, then "image_1"..."""
+    return "image" if index == 0 else f"image_{index}"
+
+
+def channel_volumes_from(header: dict, buffers: list) -> list[Volume]:
+    """The request's input channels in order ("image", "image_1", ...); the segmenter checks that
+    their number fits the model and that they share one grid."""
+    names = [d.get("name") for d in header.get("arrays", []) if isinstance(d, dict)]
+    sent = [n for n in names if isinstance(n, str) and re.fullmatch(r"image(_\d+)?", n)]
+    expected = [channel_array_name(i) for i in range(len(sent))]
+    if sorted(sent) != sorted(expected):
+        raise ProtocolError(f"input channels must be named {expected} (one of each), got {sent}")
+    return [volume_from(header, buffers, name) for name in expected]

@@ -34,6 +34,7 @@ from .protocol import (
     encode_array,
     pack,
     unpack,
+    channel_volumes_from,
     volume_from,
 )
 
@@ -117,14 +118,14 @@ def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
     try:
         header, buffers = unpack([f.buffer for f in frames], max_bytes)
         request_id = header.get("id")
-        image = volume_from(header, buffers, "image")
-        if image is None:
+        channels = channel_volumes_from(header, buffers)
+        if not channels:
             raise ProtocolError("a segment request needs an array named 'image'")
         ff_map = volume_from(header, buffers, "ff_map")
         options = header.get("options") or {}
         result, readout = segment_case(
             segmenter,
-            image,
+            channels[0] if len(channels) == 1 else channels,
             ff_map,
             margin_mm=float(options.get("margin_mm", 3.0)),
             ff_unit=options.get("ff_unit", "auto"),

@@ -141,6 +141,11 @@ def _malformed():
                           [bytes(8 * 1024 * 1024 * 4)]),
         "missing image": pack(dict(header, arrays=[dict(header["arrays"][0], name="other")]), bufs),
         "bad geometry": pack(dict(header, arrays=[dict(header["arrays"][0], geometry={"spacing": [1]})]), bufs),
+        # a second channel must be "image_1"; the default model takes one channel anyway
+        "channel gap": pack(dict(header, arrays=header["arrays"] + [dict(header["arrays"][0], name="image_2")]),
+                            bufs * 2),
+        "too many channels": pack(dict(header, arrays=header["arrays"] + [dict(header["arrays"][0], name="image_1")]),
+                                  bufs * 2),
     }
     nan = SMALL.copy()
     nan[0, 0, 0] = np.nan

@@ -132,6 +132,22 @@ def test_multichannel_task_trains_and_segments(home, tmp_path, chaos_mr, capsys)
     assert liverseg_main(["segment", str(channels[0]), "-o", str(tmp_path / "x.nii.gz"), "--model", "my-dixon"]) == 2
     assert "takes 2 input image(s) (in-phase, opposed-phase)" in capsys.readouterr().err
 
+    # the same through the inference server: both channels travel, the result is the local one
+    proc, address = start_server("--model", "my-dixon", workers=1)
+    try:
+        wait_ready(address, 1)
+        remote, _ = run_json(["segment", *channels, "-o", tmp_path / "r.nii.gz", "--server", address],
+                             tmp_path, capsys)
+        one = liverseg_main(["segment", str(channels[0]), "-o", str(tmp_path / "y.nii.gz"), "--server", address])
+        refused = capsys.readouterr().err
+    finally:
+        assert stop(proc) == 0
+    assert remote["volumes_ml"] == readout["volumes_ml"]
+    assert remote["audit"]["input"]["sha256"] == readout["audit"]["input"]["sha256"]
+    np.testing.assert_array_equal(read_volume(tmp_path / "r.nii.gz", validate=False).array,
+                                  read_volume(tmp_path / "o.nii.gz", validate=False).array)
+    assert one != 0 and "takes 2 input image(s) (in-phase, opposed-phase)" in refused
+
 
 def _write(volume, path):
     import SimpleITK as sitk
