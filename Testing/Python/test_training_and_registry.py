@@ -196,6 +196,18 @@ def test_models_cli_lists_and_describes(home, capsys):
     assert liverseg_main(["models", "activate", "nope@1"]) == 2
 
 
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(home):
+    """`liverseg models info ... | head -1`: the reader goes away before the output is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "LiverSegmentationLogic.cli", "models", "info", "liver-mr-t2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
 def test_new_version_folders_count_up(home):
     v1, f1 = catalog.new_version_folder("x", "1.0.0", "ft")
     f1.mkdir(parents=True)
