@@ -96,13 +96,20 @@ def active_versions() -> dict[str, str]:
         return {}
 
 
+def active_models() -> dict[str, ModelEntry]:
+    """Model name -> its active version: the registered one set active, else the bundled one
+    (every card read once, for listings of many names)."""
+    chosen = active_versions()
+    active = {}
+    for e in list_models():
+        if (e.bundled and e.name not in active) or (not e.bundled and chosen.get(e.name) == e.version):
+            active[e.name] = e
+    return active
+
+
 def active_model(name: str) -> Optional[ModelEntry]:
-    """The active version of a model name: the registered one set active, else the bundled one."""
-    entries = [e for e in list_models() if e.name == name]
-    version = active_versions().get(name)
-    chosen = [e for e in entries if not e.bundled and e.version == version]
-    chosen = chosen or [e for e in entries if e.bundled]
-    return chosen[0] if chosen else None
+    """The active version of a model name (see :func:`active_models`), None if it has none."""
+    return active_models().get(name)
 
 
 def activate(ref: str) -> ModelEntry:

@@ -85,17 +85,16 @@ def cmd_segment(args) -> int:
     from .qa import overlay_mosaic
 
     channels = [read_volume(path) for path in args.input]
-    volume = channels[0] if len(channels) == 1 else channels
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
     progress = _ProgressLines() if args.progress_lines else _ProgressBar(not args.quiet)
     options = dict(margin_mm=args.margin_mm, ff_unit=args.ff_unit, progress=progress)
     try:
         if args.server:
             with _client(args) as client:
-                result, readout = client.segment(volume, ff_map, **options)
+                result, readout = client.segment(channels, ff_map, **options)
             readout["audit"]["input"]["source"] = str(args.input[0])
         else:
-            result, readout = segment_case(_load_segmenter(args), volume, ff_map, source=str(args.input[0]),
+            result, readout = segment_case(_load_segmenter(args), channels, ff_map, source=str(args.input[0]),
                                            **options)
     finally:
         progress.close()
@@ -184,11 +183,12 @@ def cmd_queue(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from .catalog import active_model
+    from .catalog import active_models
     from .tasks import list_tasks
 
+    active = active_models()
     for task in list_tasks():
-        model = active_model(task.name)
+        model = active.get(task.name)
         classes = ", ".join(c["name"] for c in task.class_entries())
         cascade = f"; cascade after {task.cascade['roi_task']}" if task.cascade else ""
         print(f"{task.name:<24} {task.spec.get('modality', ''):<3} in: {', '.join(task.channels)}; "
@@ -239,12 +239,11 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .catalog import activate, active_model, find_model, list_models
+    from .catalog import activate, active_models, find_model, list_models
 
     if args.action == "list":
-        entries = list_models()
-        active = {m.folder for m in map(active_model, {e.name for e in entries}) if m is not None}
-        for e in entries:
+        active = {m.folder for m in active_models().values()}
+        for e in list_models():
             flag = "*" if e.folder in active else " "
             dice = e.card.get("validation", {}).get("mean_dice", {})
             scores = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())

@@ -30,11 +30,11 @@ from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SUPPORTED_PROTOCOLS,
+    channel_volumes_from,
     check_request,
     encode_array,
     pack,
     unpack,
-    channel_volumes_from,
     volume_from,
 )
 
@@ -125,7 +125,7 @@ def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
         options = header.get("options") or {}
         result, readout = segment_case(
             segmenter,
-            channels[0] if len(channels) == 1 else channels,
+            channels,
             ff_map,
             margin_mm=float(options.get("margin_mm", 3.0)),
             ff_unit=options.get("ff_unit", "auto"),
@@ -155,14 +155,11 @@ def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
 # --------------------------------------------------------------------------------------- broker
 def _task_listing() -> dict:
     """Task name -> its active model on this server's machine (None where none is trained)."""
-    from .catalog import active_model
+    from .catalog import active_models
     from .tasks import list_tasks
 
-    listing = {}
-    for task in list_tasks():
-        model = active_model(task.name)
-        listing[task.name] = model.ref if model else None
-    return listing
+    active = active_models()
+    return {task.name: active[task.name].ref if task.name in active else None for task in list_tasks()}
 
 
 @dataclass
