@@ -108,7 +108,7 @@ def split_cases(
     """Patient-wise split into (train, validation).
 
     Args:
-        validation: case names to validate on (see :func:`matches`); when none of them is
+        validation: case names to validate on (see :func:`select_cases`); when none of them is
             present, a seeded random ``fraction`` of the cases (at least one) is used.
     """
     if len(cases) < 2:
@@ -142,7 +142,7 @@ def convert_chaos_ct(source: str | os.PathLike, destination: str | os.PathLike, 
     import SimpleITK as sitk
     from PIL import Image
 
-    from .imageio import Volume, read_volume, write_labelmap
+    from .imageio import read_volume, write_labelmap
 
     source, destination = Path(source), Path(destination)
     files = sorted(glob.glob(str(source / "DICOM_anon" / "*.dcm")))
@@ -159,7 +159,7 @@ def convert_chaos_ct(source: str | os.PathLike, destination: str | os.PathLike, 
         labels[k] = np.asarray(Image.open(png)) > 0
     destination.mkdir(parents=True, exist_ok=True)
     image_path = destination / f"image_{case}.nii.gz"
-    sitk.WriteImage(Volume(image.array, image.geometry).to_sitk(), str(image_path), useCompression=True)
+    sitk.WriteImage(image.to_sitk(), str(image_path), useCompression=True)
     label_path = write_labelmap(destination / f"label_{case}.nii.gz", labels, image.geometry)
     return CaseFiles(f"{destination.name}/{case}", (image_path,), label_path)
 

@@ -109,8 +109,8 @@ def finetune(
     if card.get("cascade"):
         raise FinetuneError(f"{model.name_version} is a cascade; fine-tune its stages as separate models")
     queued = CaseQueue(queue)
-    queued_cases = [CaseFiles(f"queue/{m['case_id']}", (queued.paths(m["case_id"])["image"],),
-                              queued.paths(m["case_id"])["label"]) for m in queued.list()]
+    queued_paths = [(m["case_id"], queued.paths(m["case_id"])) for m in queued.list()]
+    queued_cases = [CaseFiles(f"queue/{case_id}", (paths["image"],), paths["label"]) for case_id, paths in queued_paths]
     if not queued_cases:
         raise FinetuneError(f"The queue {queue} holds no cases")
     if model.preprocess.channels != 1:

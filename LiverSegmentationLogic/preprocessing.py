@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-
 from typing import Sequence
 
 import numpy as np
