@@ -36,6 +36,15 @@ def isolated_home(tmp_path_factory):
         os.environ["LIVERSEG_HOME"] = old
 
 
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A registry and user-task folder of its own for one test (the environment is seen by
+    subprocesses too)."""
+    monkeypatch.setenv("LIVERSEG_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "tasks").mkdir(parents=True)
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="session")
 def lits_ct() -> Path:
     return require(LITS_CT)

@@ -15,13 +15,6 @@ from LiverSegmentationLogic.tasks import load_task
 from test_remote import start_server, stop, wait_ready
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIVERSEG_HOME", str(tmp_path / "home"))
-    (tmp_path / "home" / "tasks").mkdir(parents=True)
-    return tmp_path / "home"
-
-
 def add_task(home, base, name, **changes):
     """Write a user task file: a bundled task's spec with a small network and a short schedule."""
     spec = dict(load_task(base).spec, name=name, **changes)

@@ -25,13 +25,6 @@ def bundled_version(name="liver-mr-t2"):
     return next(e.version for e in catalog.list_models() if e.bundled and e.name == name)
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    """A registry of its own for one test (the environment is seen by subprocesses too)."""
-    monkeypatch.setenv("LIVERSEG_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def link_dataset(folder, source, patients):
     folder.mkdir(parents=True)
     for n in patients:
