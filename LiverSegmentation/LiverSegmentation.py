@@ -343,7 +343,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- models and setup
     def modelNames(self):
-        from LiverSegmentationLogic.catalog import model_names  # no torch: works before dependencies exist
+        from LiverSegmentationLogic.models.catalog import model_names  # no torch: works before dependencies exist
 
         return model_names()
 
@@ -376,12 +376,12 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
                           marginMm=3.0):
         """Start a background job (local process or remote thread) and return it."""
         from LiverSegmentationLib import mrml_bridge
-        from LiverSegmentationLogic.jobs import LocalProcessJob, RemoteJob
+        from LiverSegmentationLib.jobs import LocalProcessJob, RemoteJob
 
         volume = mrml_bridge.volume_from_node(inputVolume)
         ffMap = mrml_bridge.volume_from_node(ffVolume) if ffVolume else None
         if serverAddress:
-            from LiverSegmentationLogic.client import InferenceClient
+            from LiverSegmentationLogic.remote.client import InferenceClient
 
             return RemoteJob(InferenceClient(serverAddress), volume, ffMap, margin_mm=marginMm)
         python = shutil.which("PythonSlicer") or sys.executable
@@ -409,13 +409,13 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def _classesForSegmentation(self, segmentationNode):
         """Classes of the model that made this segmentation (the default model's for others)."""
-        from LiverSegmentationLogic.catalog import DEFAULT_MODEL
+        from LiverSegmentationLogic.models.catalog import DEFAULT_MODEL
 
         return self._classesFor(segmentationNode.GetAttribute(self.MODEL_NAME_ATTRIBUTE) or DEFAULT_MODEL)
 
     def _classesFor(self, modelName):
         if modelName not in self._classes:
-            from LiverSegmentationLogic.catalog import CARD_NAME, resolve_model_folder
+            from LiverSegmentationLogic.models.catalog import CARD_NAME, resolve_model_folder
 
             card = json.loads((resolve_model_folder(modelName) / CARD_NAME).read_text())
             self._classes[modelName] = card["classes"]
@@ -425,7 +425,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         return segmentationNode.GetAttribute(self.MODEL_ATTRIBUTE) or _("unknown model")
 
     def serverInfo(self, address):
-        from LiverSegmentationLogic.client import InferenceClient
+        from LiverSegmentationLogic.remote.client import InferenceClient
 
         with InferenceClient(address, connect_timeout_s=3, retries=0) as client:
             return client.info()
@@ -474,7 +474,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
         if not serverAddress:
             return mrml_bridge.export_case_to_queue(queueFolder, inputVolume, segmentationNode, classes, suggestion,
                                                     meta=meta)
-        from LiverSegmentationLogic.client import InferenceClient
+        from LiverSegmentationLogic.remote.client import InferenceClient
 
         image, corrected, record = mrml_bridge.reviewed_case(inputVolume, segmentationNode, classes, suggestion, meta)
         with InferenceClient(serverAddress) as client:
@@ -499,7 +499,7 @@ class LiverSegmentationTest(ScriptedLoadableModuleTest):
     def test_SampleCase(self):
         import time
 
-        from LiverSegmentationLogic.sample import sample_paths
+        from LiverSegmentationLogic.io.sample import sample_paths
 
         imagePath, _labelPath = sample_paths()
         volume = slicer.util.loadVolume(str(imagePath))

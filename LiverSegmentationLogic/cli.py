@@ -52,7 +52,7 @@ class _ProgressLines:
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from .batch import find_cases, run_batch
+    from .studies.batch import find_cases, run_batch
 
     total = len(find_cases(Path(args.study)))
     if total == 0:
@@ -72,17 +72,17 @@ def cmd_batch(args) -> int:
 
 
 def _load_segmenter(args):
-    from .inference import Segmenter
-    from .models import load_model
+    from .inference.segmenter import Segmenter
+    from .models.model_files import load_model
 
     return Segmenter(load_model(args.model), device=args.device, batch_size=args.batch_size)
 
 
 def cmd_segment(args) -> int:
-    from .audit import write_audit
-    from .imageio import read_volume, split_image_suffix
-    from .pipeline import format_readout, segment_case, write_segmentation
-    from .qa import overlay_mosaic
+    from .readouts.audit import write_audit
+    from .io.volumes import read_volume, split_image_suffix
+    from .inference.pipeline import format_readout, segment_case, write_segmentation
+    from .inference.overlay import overlay_mosaic
 
     channels = [read_volume(path) for path in args.input]
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
@@ -113,7 +113,7 @@ def cmd_segment(args) -> int:
 
 
 def _client(args):
-    from .client import InferenceClient
+    from .remote.client import InferenceClient
 
     curve = {}
     if args.curve_server_key:
@@ -129,7 +129,7 @@ def _client(args):
 def cmd_serve(args) -> int:
     import logging
 
-    from .server import serve
+    from .remote.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(
@@ -158,8 +158,8 @@ def cmd_keys(args) -> int:
 
 
 def cmd_queue(args) -> int:
-    from .case_queue import CaseQueue
-    from .imageio import read_volume
+    from .studies.case_queue import CaseQueue
+    from .io.volumes import read_volume
 
     queue = CaseQueue(args.queue)
     if args.action == "add":
@@ -183,8 +183,8 @@ def cmd_queue(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from .catalog import active_models
-    from .tasks import list_tasks
+    from .models.catalog import active_models
+    from .models.tasks import list_tasks
 
     active = active_models()
     for task in list_tasks():
@@ -199,8 +199,8 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .model_training import train_task
-    from .tasks import load_task
+    from .training.task_training import train_task
+    from .models.tasks import load_task
 
     task = load_task(args.task)
     train_task(
@@ -221,7 +221,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .finetuning import finetune
+    from .training.finetuning import finetune
 
     result = finetune(
         args.base,
@@ -239,7 +239,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .catalog import activate, active_models, find_model, list_models
+    from .models.catalog import activate, active_models, find_model, list_models
 
     if args.action == "list":
         active = {m.folder for m in active_models().values()}
@@ -262,8 +262,8 @@ def cmd_models(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .errors import InvalidImageError
-    from .imageio import read_volume
-    from .metrics import segmentation_metrics
+    from .io.volumes import read_volume
+    from .readouts.metrics import segmentation_metrics
 
     pred = read_volume(args.prediction, validate=False)
     ref = read_volume(args.reference, validate=False)
@@ -284,12 +284,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .imageio import Volume, read_volume
-    from .metrics import dice
-    from .pipeline import format_readout, segment_case, write_segmentation
-    from .qa import overlay_mosaic
-    from .readouts import dixon_fat_fraction
-    from .sample import SAMPLE_NAME, sample_paths
+    from .io.volumes import Volume, read_volume
+    from .readouts.metrics import dice
+    from .inference.pipeline import format_readout, segment_case, write_segmentation
+    from .inference.overlay import overlay_mosaic
+    from .readouts.measurements import dixon_fat_fraction
+    from .io.sample import SAMPLE_NAME, sample_paths
 
     image_path, label_path = sample_paths()
     volume = read_volume(image_path)

@@ -37,13 +37,13 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="liverseg-adapt-"))
     os.environ["LIVERSEG_HOME"] = str(work / "home")  # before the registry is first read
 
-    from LiverSegmentationLogic.case_queue import CaseQueue
-    from LiverSegmentationLogic.catalog import find_model
-    from LiverSegmentationLogic.datasets import convert_chaos_ct, find_cases
-    from LiverSegmentationLogic.finetuning import finetune
-    from LiverSegmentationLogic.imageio import read_volume
-    from LiverSegmentationLogic.models import load_model
-    from LiverSegmentationLogic.training import evaluate_cases
+    from LiverSegmentationLogic.studies.case_queue import CaseQueue
+    from LiverSegmentationLogic.models.catalog import find_model
+    from LiverSegmentationLogic.io.datasets import convert_chaos_ct, find_cases
+    from LiverSegmentationLogic.training.finetuning import finetune
+    from LiverSegmentationLogic.io.volumes import read_volume
+    from LiverSegmentationLogic.models.model_files import load_model
+    from LiverSegmentationLogic.training.trainer import evaluate_cases
 
     ct = find_cases(args.data / "lits-ct") + [convert_chaos_ct(args.data / "chaos-ct-1", work / "chaos-ct")]
     by_id = {c.case_id: c for c in ct}

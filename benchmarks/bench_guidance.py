@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from LiverSegmentationLogic.catalog import CARD_NAME, resolve_model_folder
-from LiverSegmentationLogic.guidance import error_share_in_top, slices_to_check
-from LiverSegmentationLogic.imageio import read_volume
-from LiverSegmentationLogic.inference import Segmenter
-from LiverSegmentationLogic.models import load_model
-from LiverSegmentationLogic.preprocessing import AxialReorientation
+from LiverSegmentationLogic.models.catalog import CARD_NAME, resolve_model_folder
+from LiverSegmentationLogic.inference.guidance import error_share_in_top, slices_to_check
+from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.inference.segmenter import Segmenter
+from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.inference.preprocessing import AxialReorientation
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/chaos-mr-t2"
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from LiverSegmentationLogic.imageio import Volume, read_volume
-from LiverSegmentationLogic.inference import Segmenter
-from LiverSegmentationLogic.models import load_model
-from LiverSegmentationLogic.network import count_flops_per_slice
-from LiverSegmentationLogic.pipeline import segment_case, write_segmentation
-from LiverSegmentationLogic.preprocessing import prepare_volume
-from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.io.volumes import Volume, read_volume
+from LiverSegmentationLogic.inference.segmenter import Segmenter
+from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.models.network import count_flops_per_slice
+from LiverSegmentationLogic.inference.pipeline import segment_case, write_segmentation
+from LiverSegmentationLogic.inference.preprocessing import prepare_volume
+from LiverSegmentationLogic.io.sample import sample_paths
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[1].parent / "shared/data/chaos-mr-t2/image_22.nii.gz"
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from LiverSegmentationLogic.client import InferenceClient
-from LiverSegmentationLogic.imageio import read_volume
-from LiverSegmentationLogic.inference import Segmenter
-from LiverSegmentationLogic.models import load_model
-from LiverSegmentationLogic.pipeline import segment_case
-from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.remote.client import InferenceClient
+from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.inference.segmenter import Segmenter
+from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.inference.pipeline import segment_case
+from LiverSegmentationLogic.io.sample import sample_paths
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[1].parent / "shared/data/chaos-mr-t2/image_22.nii.gz"
 LINK_BYTES_PER_S = 100e6 / 8  # a 100 Mbit/s hospital network

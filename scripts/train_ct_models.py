@@ -26,9 +26,9 @@ def main():
     os.environ["LIVERSEG_HOME"] = str(work / "home")
     os.environ["LIVERSEG_MODELS_DIR"] = str(args.models.resolve())  # the cascade's first stage comes from here
 
-    from LiverSegmentationLogic.datasets import convert_chaos_ct
-    from LiverSegmentationLogic.model_training import train_task
-    from LiverSegmentationLogic.tasks import load_task
+    from LiverSegmentationLogic.io.datasets import convert_chaos_ct
+    from LiverSegmentationLogic.training.task_training import train_task
+    from LiverSegmentationLogic.models.tasks import load_task
 
     chaos_ct = convert_chaos_ct(args.data / "chaos-ct-1", work / "chaos-ct").images[0].parent
     lits = args.data / "lits-ct"

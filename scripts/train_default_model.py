@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from LiverSegmentationLogic import __version__
-from LiverSegmentationLogic.datasets import find_cases, select_cases
-from LiverSegmentationLogic.models import LoadedModel, load_model, save_model
-from LiverSegmentationLogic.network import UNet2D, UNetEnsemble
-from LiverSegmentationLogic.preprocessing import PreprocessConfig
-from LiverSegmentationLogic.tasks import load_task
-from LiverSegmentationLogic.training import (
+from LiverSegmentationLogic.io.datasets import find_cases, select_cases
+from LiverSegmentationLogic.models.model_files import LoadedModel, load_model, save_model
+from LiverSegmentationLogic.models.network import UNet2D, UNetEnsemble
+from LiverSegmentationLogic.models.preprocess_config import PreprocessConfig
+from LiverSegmentationLogic.models.tasks import load_task
+from LiverSegmentationLogic.training.trainer import (
     TrainConfig,
     TrainingCase,
     evaluate_cases,

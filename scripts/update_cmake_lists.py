@@ -22,7 +22,7 @@ def replace_list(text: str, name: str, entries: list[str]) -> str:
 
 def main():
     cmake = REPO / "CMakeLists.txt"
-    core = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "LiverSegmentationLogic").glob("*.py"))
+    core = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "LiverSegmentationLogic").rglob("*.py"))
     resources = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "Resources").rglob("*") if p.is_file())
     text = replace_list(cmake.read_text(), "CORE_PYTHON_SCRIPTS", core)
     text = replace_list(text, "CORE_PYTHON_RESOURCES", resources)

@@ -15,8 +15,8 @@ import slicer
 import slicer.util
 import vtk
 
-from LiverSegmentationLogic.imageio import Geometry, Volume, terminology_string
-from LiverSegmentationLogic.readouts import segmentation_readouts
+from LiverSegmentationLogic.io.volumes import Geometry, Volume, terminology_string
+from LiverSegmentationLogic.readouts.measurements import segmentation_readouts
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -199,7 +199,7 @@ def reviewed_case(
     """The reviewed case, ready to queue: the source image, the corrected labelmap and a meta
     record with the Dice between the model's suggestion and the correction (how much the
     operator changed), the changed volume and the source node names."""
-    from LiverSegmentationLogic.audit import review_record
+    from LiverSegmentationLogic.readouts.audit import review_record
 
     image = volume_from_node(volume_node)
     corrected = labels_from_segmentation(segmentation_node, volume_node, classes)
@@ -223,7 +223,7 @@ def export_case_to_queue(
     on_duplicate: str = "replace",
 ) -> dict:
     """Queue the reviewed case (see :func:`reviewed_case`) in a local fine-tuning queue folder."""
-    from LiverSegmentationLogic.case_queue import CaseQueue
+    from LiverSegmentationLogic.studies.case_queue import CaseQueue
 
     image, corrected, record = reviewed_case(volume_node, segmentation_node, classes, suggestion, meta)
     labels = {c["name"]: int(c["label"]) for c in classes}

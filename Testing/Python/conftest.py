@@ -4,6 +4,7 @@ small constructed inputs that always exist."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ DATA = Path(os.environ.get("LIVERSEG_DATA", REPO.parent / "shared" / "data"))
 CHAOS_MR = DATA / "chaos-mr-t2"
 CHAOS_CT = DATA / "chaos-ct-1"
 LITS_CT = DATA / "lits-ct"
+
+# LiverSegmentationLib (the panel's Slicer-side, Qt-free helpers) is imported from the module folder,
+# as Slicer does when it loads the module.
+sys.path.insert(0, str(REPO / "LiverSegmentation"))
 
 
 def require(path: Path) -> Path:
@@ -63,8 +68,8 @@ def chaos_ct() -> Path:
 @pytest.fixture(scope="session")
 def sample_case():
     """The bundled sample (always in the repository): image Volume and reference liver mask."""
-    from LiverSegmentationLogic.imageio import read_volume
-    from LiverSegmentationLogic.sample import sample_paths
+    from LiverSegmentationLogic.io.volumes import read_volume
+    from LiverSegmentationLogic.io.sample import sample_paths
 
     image_path, label_path = sample_paths()
     image = read_volume(image_path)
@@ -74,14 +79,14 @@ def sample_case():
 
 @pytest.fixture(scope="session")
 def default_model():
-    from LiverSegmentationLogic.models import load_model
+    from LiverSegmentationLogic.models.model_files import load_model
 
     return load_model()
 
 
 @pytest.fixture(scope="session")
 def segmenter(default_model):
-    from LiverSegmentationLogic.inference import Segmenter
+    from LiverSegmentationLogic.inference.segmenter import Segmenter
 
     return Segmenter(default_model, device="cpu")
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverSegmentationLogic.audit import array_sha256, verify_audit
-from LiverSegmentationLogic.batch import find_cases
-from LiverSegmentationLogic.guidance import axial_slice_positions, error_share_in_top, slices_to_check
-from LiverSegmentationLogic.imageio import Volume, read_volume
-from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.readouts.audit import array_sha256, verify_audit
+from LiverSegmentationLogic.studies.batch import find_cases
+from LiverSegmentationLogic.inference.guidance import axial_slice_positions, error_share_in_top, slices_to_check
+from LiverSegmentationLogic.io.volumes import Volume, read_volume
+from LiverSegmentationLogic.io.sample import sample_paths
 
 
 def liverseg(*args):

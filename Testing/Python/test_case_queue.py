@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverSegmentationLogic import case_queue
-from LiverSegmentationLogic.case_queue import CaseQueue
+from LiverSegmentationLogic.studies import case_queue
+from LiverSegmentationLogic.studies.case_queue import CaseQueue
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_duplicates_are_replaced_or_versioned(tmp_path, case):
 
 
 def test_queue_cli(tmp_path, case):
-    from LiverSegmentationLogic.sample import sample_paths
+    from LiverSegmentationLogic.io.sample import sample_paths
 
     image_path, label_path = sample_paths()
     run = lambda *a: subprocess.run([sys.executable, "-m", "LiverSegmentationLogic.cli", "queue", *map(str, a)],  # noqa: E731

@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from LiverSegmentationLogic.imageio import Geometry, Volume, read_volume
-from LiverSegmentationLogic.models import load_model
-from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.io.volumes import Geometry, Volume, read_volume
+from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.io.sample import sample_paths
 
 
 def liverseg(*args, cwd=None):

@@ -4,7 +4,7 @@ import SimpleITK as sitk
 import slicerio
 
 from LiverSegmentationLogic.errors import ImageReadError, InvalidImageError
-from LiverSegmentationLogic.imageio import Geometry, Volume, read_volume, write_labelmap, write_seg_nrrd
+from LiverSegmentationLogic.io.volumes import Geometry, Volume, read_volume, write_labelmap, write_seg_nrrd
 
 OBLIQUE = Geometry(
     spacing=(0.8, 0.9, 3.0),

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from LiverSegmentationLogic.errors import CancelledError, InvalidImageError
-from LiverSegmentationLogic.imageio import Geometry, Volume, read_volume
-from LiverSegmentationLogic.inference import resolve_device
-from LiverSegmentationLogic.metrics import dice
-from LiverSegmentationLogic.pipeline import segment_case
+from LiverSegmentationLogic.io.volumes import Geometry, Volume, read_volume
+from LiverSegmentationLogic.inference.segmenter import resolve_device
+from LiverSegmentationLogic.readouts.metrics import dice
+from LiverSegmentationLogic.inference.pipeline import segment_case
 
 
 def test_default_model_card_is_complete(default_model):
@@ -27,9 +27,9 @@ def test_default_model_card_is_complete(default_model):
 def test_default_model_card_validation_is_reproduced(default_model, chaos_mr):
     """The card's per-patient Dice is what the shipped weights give on the held-out patients
     today (same full pipeline), and the mean meets the 0.93 target."""
-    from LiverSegmentationLogic.datasets import find_cases, select_cases
-    from LiverSegmentationLogic.tasks import load_task
-    from LiverSegmentationLogic.training import evaluate_cases
+    from LiverSegmentationLogic.io.datasets import find_cases, select_cases
+    from LiverSegmentationLogic.models.tasks import load_task
+    from LiverSegmentationLogic.training.trainer import evaluate_cases
 
     validation = default_model.card["validation"]
     held = select_cases(find_cases(chaos_mr), validation["validation_cases"])

@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from LiverSegmentationLogic.imageio import Geometry, Volume
-from LiverSegmentationLogic.jobs import CANCELLED, DONE, FAILED, LocalProcessJob
+from LiverSegmentationLogic.io.volumes import Geometry, Volume
+from LiverSegmentationLib.jobs import CANCELLED, DONE, FAILED, LocalProcessJob
 
 
 def wait(job, timeout=300, on_event=None):
@@ -28,7 +28,7 @@ def test_local_process_job_matches_in_process_result(sample_case, sample_result,
     assert job.state == DONE, job.error
     np.testing.assert_array_equal(job.labels, sample_result.labels)
     assert job.readout["volumes_ml"]["liver"] > 0
-    from LiverSegmentationLogic.audit import verify_audit
+    from LiverSegmentationLogic.readouts.audit import verify_audit
 
     assert verify_audit(job.readout["audit"], image.array, job.labels)  # the panel's readouts are audited
     progress = [e[1] for e in events if e[0] == "progress"]

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from LiverSegmentationLogic import metrics
+from LiverSegmentationLogic.readouts import metrics
 
 
 def _png_stack(folder):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LiverSegmentation"))
+from LiverSegmentationLogic.io.volumes import Geometry, Volume
+from LiverSegmentationLogic.readouts.metrics import dice
 
-from LiverSegmentationLogic.imageio import Geometry, Volume  # noqa: E402
-from LiverSegmentationLogic.metrics import dice  # noqa: E402
+slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
 
 
 @pytest.fixture(scope="module")

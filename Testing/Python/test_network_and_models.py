@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from LiverSegmentationLogic.errors import ModelLoadError, ModelNotFoundError
-from LiverSegmentationLogic.catalog import CARD_NAME, WEIGHTS_NAME
-from LiverSegmentationLogic.models import load_model, save_model
-from LiverSegmentationLogic.network import UNet2D, UNetEnsemble, build_network, count_flops_per_slice
+from LiverSegmentationLogic.models.catalog import CARD_NAME, WEIGHTS_NAME
+from LiverSegmentationLogic.models.model_files import load_model, save_model
+from LiverSegmentationLogic.models.network import UNet2D, UNetEnsemble, build_network, count_flops_per_slice
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -108,7 +108,7 @@ def test_missing_and_corrupt_models(tmp_path, monkeypatch):
 
 
 def test_weights_that_do_not_fit_the_card(tmp_path):
-    from LiverSegmentationLogic.models import sha256_of
+    from LiverSegmentationLogic.models.model_files import sha256_of
 
     _, folder = _tiny_model(tmp_path)
     card = json.loads((folder / CARD_NAME).read_text())

@@ -1,6 +1,6 @@
 import numpy as np
 
-from LiverSegmentationLogic.postprocessing import largest_component, postprocess_labels
+from LiverSegmentationLogic.inference.postprocessing import largest_component, postprocess_labels
 
 
 def test_largest_component_and_hole_filling():

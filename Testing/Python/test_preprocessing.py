@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from LiverSegmentationLogic.imageio import Geometry, read_volume
-from LiverSegmentationLogic.metrics import dice
-from LiverSegmentationLogic.preprocessing import (
+from LiverSegmentationLogic.io.volumes import Geometry, read_volume
+from LiverSegmentationLogic.readouts.metrics import dice
+from LiverSegmentationLogic.inference.preprocessing import (
     AxialReorientation,
     PreprocessConfig,
     neighbour_stack,
@@ -145,7 +145,7 @@ def test_roi_mask_windows_inside_the_region_and_blanks_outside():
 
 
 def test_crop_volume_keeps_physical_positions():
-    from LiverSegmentationLogic.imageio import Volume, crop_volume
+    from LiverSegmentationLogic.io.volumes import Volume, crop_volume
 
     direction = (0, 1, 0, -1, 0, 0, 0, 0, 1)  # rotated in-plane
     geometry = Geometry((0.5, 0.7, 3.0), (10.0, -4.0, 2.0), direction)

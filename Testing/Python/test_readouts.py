@@ -4,8 +4,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from LiverSegmentationLogic.errors import FatFractionError
-from LiverSegmentationLogic.imageio import Geometry, Volume
-from LiverSegmentationLogic.readouts import (
+from LiverSegmentationLogic.io.volumes import Geometry, Volume
+from LiverSegmentationLogic.readouts.measurements import (
     detect_fat_fraction_unit,
     dixon_fat_fraction,
     fat_fraction_readout,

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import zmq
 
-from LiverSegmentationLogic.client import InferenceClient
+from LiverSegmentationLogic.remote.client import InferenceClient
 from LiverSegmentationLogic.errors import (
     CancelledError,
     ProtocolVersionError,
     RemoteError,
     ServerUnreachableError,
 )
-from LiverSegmentationLogic.imageio import Geometry, Volume
-from LiverSegmentationLogic.protocol import PROTOCOL_VERSION, encode_array, pack, unpack
+from LiverSegmentationLogic.io.volumes import Geometry, Volume
+from LiverSegmentationLogic.remote.protocol import PROTOCOL_VERSION, encode_array, pack, unpack
 
 MAX_MB = 24  # the sample with a PDFF map is about 17 MB
 CLIENT_TIMEOUT_S = 3
@@ -100,7 +100,7 @@ def test_info_reports_versions_and_model(server):
 
 
 def test_remote_result_identical_to_local(server, segmenter, sample_case):
-    from LiverSegmentationLogic.pipeline import segment_case
+    from LiverSegmentationLogic.inference.pipeline import segment_case
 
     image, reference = sample_case
     ff_map = Volume(np.where(reference == 1, 4.0, 90.0).astype(np.float32), image.geometry)
@@ -112,7 +112,7 @@ def test_remote_result_identical_to_local(server, segmenter, sample_case):
     assert remote.geometry.allclose(image.geometry, tol=1e-9)
     assert readout["volumes_ml"] == local_readout["volumes_ml"]
     assert readout["fat_fraction"]["median"] == pytest.approx(4.0)
-    from LiverSegmentationLogic.audit import verify_audit
+    from LiverSegmentationLogic.readouts.audit import verify_audit
 
     assert verify_audit(readout["audit"], image.array, remote.labels)  # the server's readouts are audited
     dones = [e[0] for e in events]
@@ -240,9 +240,9 @@ def test_cancel_returns_promptly(server, sample_case):
 
 KILLED_CLIENT = """
 import sys
-from LiverSegmentationLogic.client import InferenceClient
-from LiverSegmentationLogic.imageio import read_volume
-from LiverSegmentationLogic.sample import sample_paths
+from LiverSegmentationLogic.remote.client import InferenceClient
+from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.io.sample import sample_paths
 volume = read_volume(sample_paths()[0])
 def progress(done, total, stage):
     print("PROGRESS", done, flush=True)
@@ -326,7 +326,7 @@ def test_keys_command(tmp_path):
 
 def test_remote_job_for_the_panel(server, sample_case, sample_result):
     """The panel's remote backend: a thread job with progress events, polled without blocking."""
-    from LiverSegmentationLogic.jobs import CANCELLED, DONE, RemoteJob
+    from LiverSegmentationLib.jobs import CANCELLED, DONE, RemoteJob
 
     image, _ = sample_case
     job = RemoteJob(InferenceClient(server), image)
@@ -349,7 +349,7 @@ def test_remote_job_for_the_panel(server, sample_case, sample_result):
 
 def test_submit_to_the_server_queue(tmp_path, sample_case):
     """Operators without a shared folder send corrected cases to the server's queue."""
-    from LiverSegmentationLogic.case_queue import CaseQueue
+    from LiverSegmentationLogic.studies.case_queue import CaseQueue
 
     image, reference = sample_case
     queue = tmp_path / "server-queue"

@@ -9,8 +9,8 @@ import pytest
 import slicerio
 
 from LiverSegmentationLogic.cli import main as liverseg_main
-from LiverSegmentationLogic.imageio import Volume, read_volume, write_labelmap
-from LiverSegmentationLogic.tasks import load_task
+from LiverSegmentationLogic.io.volumes import Volume, read_volume, write_labelmap
+from LiverSegmentationLogic.models.tasks import load_task
 
 from test_remote import start_server, stop, wait_ready
 
@@ -69,9 +69,9 @@ def test_ct_liver_lesion_cascade_from_config_files(home, tmp_path, lits_ct, caps
 
 def test_shipped_ct_cascade_finds_liver_and_lesions_on_held_out_patient(lits_ct):
     """The bundled liver-lesion-ct model on lits-ct patient 1 (held out from its training)."""
-    from LiverSegmentationLogic.inference import Segmenter
-    from LiverSegmentationLogic.metrics import dice
-    from LiverSegmentationLogic.models import load_model
+    from LiverSegmentationLogic.inference.segmenter import Segmenter
+    from LiverSegmentationLogic.readouts.metrics import dice
+    from LiverSegmentationLogic.models.model_files import load_model
 
     model = load_model("liver-lesion-ct")
     assert [c["name"] for c in model.classes] == ["liver", "lesion"]

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LiverSegmentationLogic import catalog
-from LiverSegmentationLogic.case_queue import CaseQueue
+from LiverSegmentationLogic.models import catalog
+from LiverSegmentationLogic.studies.case_queue import CaseQueue
 from LiverSegmentationLogic.cli import main as liverseg_main
-from LiverSegmentationLogic.datasets import DatasetError, find_cases, k_folds, select_cases, split_cases
+from LiverSegmentationLogic.io.datasets import DatasetError, find_cases, k_folds, select_cases, split_cases
 from LiverSegmentationLogic.errors import ModelNotFoundError
-from LiverSegmentationLogic.finetuning import _promotion_decision, finetune
-from LiverSegmentationLogic.imageio import read_volume
-from LiverSegmentationLogic.model_training import train_task
-from LiverSegmentationLogic.models import load_model, save_model
-from LiverSegmentationLogic.sample import sample_paths
-from LiverSegmentationLogic.tasks import TaskError, list_tasks, load_task
+from LiverSegmentationLogic.training.finetuning import _promotion_decision, finetune
+from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.training.task_training import train_task
+from LiverSegmentationLogic.models.model_files import load_model, save_model
+from LiverSegmentationLogic.io.sample import sample_paths
+from LiverSegmentationLogic.models.tasks import TaskError, list_tasks, load_task
 
 
 def bundled_version(name="liver-mr-t2"):
@@ -153,7 +153,7 @@ def test_promotion_rules():
 
 
 def test_regression_reference_is_the_first_model_of_the_line():
-    from LiverSegmentationLogic.finetuning import validation_reference
+    from LiverSegmentationLogic.training.finetuning import validation_reference
 
     root = {"version": "1.0.0"}
     first = {"promotion": {"base_validation_cases": ["mr/21"], "base_validation_before": {"liver": 0.92}}}
@@ -164,7 +164,7 @@ def test_regression_reference_is_the_first_model_of_the_line():
 
 
 def test_finetune_needs_queued_cases(home, tmp_path):
-    from LiverSegmentationLogic.finetuning import FinetuneError
+    from LiverSegmentationLogic.training.finetuning import FinetuneError
 
     with pytest.raises(FinetuneError, match="holds no cases"):
         finetune("liver-mr-t2", tmp_path / "empty-queue")

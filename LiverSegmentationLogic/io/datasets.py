@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LiverSegError
-from .imageio import split_image_suffix
+from ..errors import LiverSegError
+from .volumes import split_image_suffix
 
 
 class DatasetError(LiverSegError):
@@ -142,7 +142,7 @@ def convert_chaos_ct(source: str | os.PathLike, destination: str | os.PathLike, 
     import SimpleITK as sitk
     from PIL import Image
 
-    from .imageio import read_volume, write_labelmap
+    from .volumes import read_volume, write_labelmap
 
     source, destination = Path(source), Path(destination)
     files = sorted(glob.glob(str(source / "DICOM_anon" / "*.dcm")))

@@ -23,8 +23,8 @@ from typing import Literal, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .audit import array_sha256
-from .imageio import Volume
+from ..readouts.audit import array_sha256
+from ..io.volumes import Volume
 
 TMP_SUFFIX = ".partial"
 

@@ -1,9 +1,10 @@
 """Segmentation jobs that run off the caller's thread, polled without blocking.
 
-The Slicer panel starts a job and polls it from a ``qt.QTimer``; nothing here imports Qt.
+The Slicer panel starts a job and polls it from a ``qt.QTimer``; nothing here imports Qt or Slicer.
 - :class:`LocalProcessJob` runs ``liverseg segment`` in a child process (a crash or a cancel can
   never take the GUI down; cancel kills the process group).
-- :class:`RemoteJob` runs :class:`client.InferenceClient` in a thread (the server does the work).
+- :class:`RemoteJob` runs :class:`LiverSegmentationLogic.remote.client.InferenceClient` in a thread
+  (the server does the work).
 Both report ``("progress", done, total, stage)`` events and end as done, failed or cancelled.
 """
 
@@ -23,7 +24,9 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import Volume, read_volume
+import LiverSegmentationLogic
+from LiverSegmentationLogic.errors import CancelledError, LiverSegError
+from LiverSegmentationLogic.io.volumes import Volume, read_volume
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
@@ -89,7 +92,7 @@ class LocalProcessJob(Job):
         self._cancelled = False
         self._stderr: list[str] = []
         # the child must find this package whatever its interpreter's path (e.g. PythonSlicer)
-        package_parent = str(Path(__file__).resolve().parent.parent)
+        package_parent = str(Path(LiverSegmentationLogic.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
@@ -146,7 +149,7 @@ class RemoteJob(Job):
     """Segment on a ``liverseg serve`` server from a background thread.
 
     Args:
-        client: a :class:`client.InferenceClient` (used from the job's thread only).
+        client: a :class:`LiverSegmentationLogic.remote.client.InferenceClient` (used from the job's thread only).
     """
 
     def __init__(self, client, volume: Volume, ff_map: Optional[Volume] = None, margin_mm: float = 3.0,
@@ -160,8 +163,6 @@ class RemoteJob(Job):
         self._thread.start()
 
     def _run(self, client, volume, ff_map, margin_mm, ff_unit):
-        from .errors import CancelledError, LiverSegError
-
         try:
             result, readout = client.segment(
                 volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit,

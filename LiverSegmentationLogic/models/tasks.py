@@ -1,7 +1,7 @@
 """Segmentation tasks as declarative JSON files: what to segment, from which images, and how.
 
 A task file (``Resources/Tasks/<name>.json``, or ``<home>/tasks/<name>.json`` for tasks added by
-users, see :func:`catalog.home_dir`) holds::
+users, see :func:`io.locations.home_dir`) holds::
 
     {
       "name": "liver-mr-t2",                    # also the name of its models in the registry
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from .anatomy import STRUCTURES, class_entry
-from .catalog import home_dir, resources_dir
-from .errors import LiverSegError
+from ..io.locations import home_dir, resources_dir
+from ..errors import LiverSegError
 
 KNOWN_READOUTS = {"volume", "fat_fraction", "lesions"}
 

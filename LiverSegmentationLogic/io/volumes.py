@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import ImageReadError, InvalidImageError
+from ..errors import ImageReadError, InvalidImageError
 
 
 #: file name endings of the image formats the tools write or look for (longest first)

@@ -28,15 +28,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .case_queue import CaseQueue
-from .catalog import activate, new_version_folder
-from .datasets import CaseFiles, find_cases, select_cases
-from .errors import LiverSegError
-from .inference import resolve_device
-from .models import LoadedModel, load_model, save_model
-from .preprocessing import neighbour_stack
-from .tasks import reference_values
-from .training import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
+from ..studies.case_queue import CaseQueue
+from ..models.catalog import activate, new_version_folder
+from ..io.datasets import CaseFiles, find_cases, select_cases
+from ..errors import LiverSegError
+from ..inference.segmenter import resolve_device
+from ..models.model_files import LoadedModel, load_model, save_model
+from ..inference.preprocessing import neighbour_stack
+from ..models.tasks import reference_values
+from .trainer import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
 
 
 class FinetuneError(LiverSegError):
@@ -95,7 +95,7 @@ def finetune(
 
     Args:
         base: model reference (name, name@version or folder).
-        queue: fine-tuning queue folder (:class:`case_queue.CaseQueue`).
+        queue: fine-tuning queue folder (:class:`studies.case_queue.CaseQueue`).
         replay: the base model's training dataset folder: replay cases come from its training
             cases, the regression check from its validation cases (named in the base card).
             Without it nothing guards the old domain, so the result is never activated.

@@ -1,6 +1,6 @@
 """Review guidance: which slices an operator should look at first.
 
-The model's own hesitation is the signal: :class:`inference.SegmentationResult` counts, per axial
+The model's own hesitation is the signal: :class:`segmenter.SegmentationResult` counts, per axial
 slice, the voxels whose winning class probability is below 0.9. Slices are ranked by that count;
 benchmarks/bench_guidance.py measures on held-out cases how much of the real error the top of
 the list holds.
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .imageio import Geometry
+from ..io.volumes import Geometry
 from .preprocessing import AxialReorientation
 
 

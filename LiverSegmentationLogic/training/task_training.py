@@ -14,15 +14,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from .catalog import activate as set_active
-from .catalog import active_model, new_version_folder, resolve_model_folder
-from .datasets import CaseFiles, find_all_cases, k_folds, split_cases
-from .inference import resolve_device
-from .models import LoadedModel, load_model, save_model
-from .network import UNet2D
-from .tasks import Task
-from .training import (
+from .. import __version__
+from ..models.catalog import activate as set_active
+from ..models.catalog import active_model, new_version_folder, resolve_model_folder
+from ..io.datasets import CaseFiles, find_all_cases, k_folds, split_cases
+from ..inference.segmenter import resolve_device
+from ..models.model_files import LoadedModel, load_model, save_model
+from ..models.network import UNet2D
+from ..models.tasks import Task
+from .trainer import (
     TrainConfig,
     TrainingCase,
     balanced_class_weights,
@@ -104,7 +104,7 @@ def train_task(
     """Train, validate and write a model for ``task``.
 
     Args:
-        datasets: dataset folders (see :mod:`datasets`).
+        datasets: dataset folders (see :mod:`io.datasets`).
         output: model folder; by default a new version in the registry (``<name>/<version>-train<n>``).
         validation: case names to hold out; default: the task's ``training.validation_cases``, else
             a random fifth of the cases.

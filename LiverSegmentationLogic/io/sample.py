@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .catalog import resources_dir
+from .locations import resources_dir
 
 SAMPLE_NAME = "chaos-mr-t2-patient21"
 

@@ -1,6 +1,6 @@
 """How a model wants its input (the ``preprocessing`` of a task file or model card).
 
-Kept apart from :mod:`preprocessing` so that reading task files and model cards needs no torch
+Kept apart from :mod:`inference.preprocessing` so that reading task files and model cards needs no torch
 (the inference server's broker and the Slicer panel list tasks before torch is loaded).
 """
 

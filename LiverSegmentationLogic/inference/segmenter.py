@@ -11,9 +11,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import CancelledError, InvalidImageError, ModelLoadError
-from .imageio import Volume, crop_volume, validate_volume
-from .models import LoadedModel
+from ..errors import CancelledError, InvalidImageError, ModelLoadError
+from ..io.volumes import Volume, crop_volume, validate_volume
+from ..models.model_files import LoadedModel
 from .postprocessing import postprocess_labels
 from .preprocessing import channel_array, grow_region, neighbour_stack, prepare_volume
 
@@ -51,7 +51,7 @@ class SegmentationResult:
     """A labelmap on the input grid, with what made it."""
 
     labels: np.ndarray  # (k, j, i) uint8, same shape as the input
-    geometry: "object"  # imageio.Geometry of the input
+    geometry: "object"  # io.volumes.Geometry of the input
     classes: list[dict]
     model: dict  # name, version, sha256 of the weights
     timings: dict = field(default_factory=dict)  # seconds per stage
@@ -96,7 +96,7 @@ class Segmenter:
         self.roi = None
         cascade = model.card.get("cascade")
         if cascade:  # a second-stage model: its first stage is a model folder inside its own
-            from .models import load_model
+            from ..models.model_files import load_model
 
             roi_model = load_model(model.folder / cascade.get("roi_model", "roi"), device=self.device)
             self.roi = Segmenter(roi_model, self.device, batch_size, channels_last)

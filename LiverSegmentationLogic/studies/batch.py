@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .audit import write_audit
-from .errors import LiverSegError
-from .guidance import slices_to_check
-from .imageio import IMAGE_SUFFIXES, read_volume, split_image_suffix
-from .pipeline import segment_case, write_segmentation
-from .qa import overlay_mosaic
+from ..readouts.audit import write_audit
+from ..errors import LiverSegError
+from ..inference.guidance import slices_to_check
+from ..io.volumes import IMAGE_SUFFIXES, read_volume, split_image_suffix
+from ..inference.pipeline import segment_case, write_segmentation
+from ..inference.overlay import overlay_mosaic
 
 FF_TAGS = ("_ff", "_pdff")
 NOT_SCANS = re.compile(r"label|mask|seg", re.IGNORECASE)

@@ -15,17 +15,17 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from .errors import (
+from ..errors import (
     CancelledError,
     ProtocolVersionError,
     RemoteError,
     ServerTimeoutError,
     ServerUnreachableError,
 )
-from .audit import array_sha256
-from .imageio import Volume
-from .inference import ProgressCallback, SegmentationResult
-from .preprocessing import channel_array
+from ..readouts.audit import array_sha256
+from ..io.volumes import Volume
+from ..inference.segmenter import ProgressCallback, SegmentationResult
+from ..inference.preprocessing import channel_array
 from .protocol import PROTOCOL_VERSION, channel_array_name, decode_array, encode_array, pack, unpack
 
 HEARTBEAT_S = 1.0  # well under the server's client timeout (10 s by default)
@@ -209,7 +209,7 @@ class InferenceClient:
         cancel=None,
         label_compression: str = "zlib",
     ) -> tuple[SegmentationResult, dict]:
-        """Remote :func:`pipeline.segment_case`: same result, same progress callback.
+        """Remote :func:`inference.pipeline.segment_case`: same result, same progress callback.
 
         ``volume`` is the scan, or one scan per input channel of a multi-channel model.
         ``label_compression`` is how the server sends the labelmap back (zlib shrinks a labelmap

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .catalog import CARD_NAME, WEIGHTS_NAME, resolve_model_folder
-from .errors import ModelLoadError, ModelNotFoundError
+from ..errors import ModelLoadError, ModelNotFoundError
 from .network import build_network
-from .preprocessing import PreprocessConfig
+from .preprocess_config import PreprocessConfig
 
 CARD_SCHEMA_VERSION = 1
 

@@ -3,7 +3,7 @@
     clients (DEALER) --> [frontend ROUTER | broker | backend ROUTER] <-- workers (DEALER)
 
 Standard ZeroMQ load balancing: a worker says READY (with its model info) and is given one
-request at a time. Workers run exactly :func:`pipeline.segment_case`, the code of local inference.
+request at a time. Workers run exactly :func:`inference.pipeline.segment_case`, the code of local inference.
 Malformed requests are answered with an error reply; a worker that dies is reported to the client
 whose request it held and replaced. Workers may also run on other machines and connect to the
 backend address (``liverseg serve --backend tcp://...``).
@@ -24,8 +24,8 @@ from typing import Optional
 
 import zmq
 
-from . import __version__
-from .errors import LiverSegError, ProtocolError, ProtocolVersionError
+from .. import __version__
+from ..errors import LiverSegError, ProtocolError, ProtocolVersionError
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -62,8 +62,8 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
     """Entry point of a worker process: load the model once, then serve requests forever."""
     import torch
 
-    from .inference import Segmenter
-    from .models import load_model
+    from ..inference.segmenter import Segmenter
+    from ..models.model_files import load_model
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when workers stop
     loaded = load_model(model)
@@ -96,7 +96,7 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
 
 
 def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
-    from .pipeline import segment_case
+    from ..inference.pipeline import segment_case
 
     request_id = None
     t0 = time.perf_counter()
@@ -155,8 +155,8 @@ def _serve_one(sock, client: bytes, frames, segmenter, max_bytes: int):
 # --------------------------------------------------------------------------------------- broker
 def _task_listing() -> dict:
     """Task name -> its active model on this server's machine (None where none is trained)."""
-    from .catalog import active_models
-    from .tasks import list_tasks
+    from ..models.catalog import active_models
+    from ..models.tasks import list_tasks
 
     active = active_models()
     return {task.name: active[task.name].ref if task.name in active else None for task in list_tasks()}
@@ -363,8 +363,8 @@ class InferenceServer:
     def _submit(self, client: bytes, header: dict, frames):
         """Write a corrected case into this server's fine-tuning queue (done here, in the broker:
         a few MB to disk, no model needed)."""
-        from .case_queue import CaseQueue
-        from .imageio import validate_volume
+        from ..studies.case_queue import CaseQueue
+        from ..io.volumes import validate_volume
 
         request_id = header["id"]
         try:

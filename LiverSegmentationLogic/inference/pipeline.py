@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .audit import audit_record
+from ..readouts.audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
-from .imageio import Volume, write_labelmap, write_seg_nrrd
-from .inference import ProgressCallback, SegmentationResult, Segmenter
+from ..io.volumes import Volume, write_labelmap, write_seg_nrrd
+from .segmenter import ProgressCallback, SegmentationResult, Segmenter
 from .preprocessing import channel_array
-from .readouts import DEFAULT_MARGIN_MM, segmentation_readouts
+from ..readouts.measurements import DEFAULT_MARGIN_MM, segmentation_readouts
 
 
 def segment_case(
@@ -38,7 +38,7 @@ def segment_case(
     Returns:
         the segmentation and a readout dict: ``volumes_ml`` per class name, ``fat_fraction``
         (None without a map; computed in the class named "liver"), ``model``, ``review`` (slices
-        to check), ``timings`` and ``audit`` (see :mod:`audit`).
+        to check), ``timings`` and ``audit`` (see :mod:`readouts.audit`).
     """
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
     t0 = time.perf_counter()

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from .imageio import crop_volume, read_volume
-from .inference import resolve_device
-from .metrics import dice
-from .models import LoadedModel
-from .network import UNet2D
-from .preprocessing import (
+from ..io.volumes import crop_volume, read_volume
+from ..inference.segmenter import resolve_device
+from ..readouts.metrics import dice
+from ..models.model_files import LoadedModel
+from ..models.network import UNet2D
+from ..inference.preprocessing import (
     PreprocessConfig,
     channel_array,
     grow_region,
@@ -53,7 +53,7 @@ def load_case(
         label_map: source label value -> model class (values not listed become background).
         roi: for the second stage of a cascade, ``(label values of the region, margin mm)``: the
             case is cropped to the region grown by the margin and the image kept inside it only,
-            exactly as :class:`inference.Segmenter` does with the first stage's output.
+            exactly as :class:`inference.segmenter.Segmenter` does with the first stage's output.
     """
     paths = [image_paths] if isinstance(image_paths, (str, os.PathLike)) else list(image_paths)
     images = [read_volume(p) for p in paths]
@@ -262,10 +262,10 @@ def evaluate_cases(model: LoadedModel, cases: Sequence, reference: dict[str, Seq
     on the input grid.
 
     Args:
-        cases: :class:`datasets.CaseFiles`.
+        cases: :class:`io.datasets.CaseFiles`.
         reference: class name -> the label values of the reference that make up that class.
     """
-    from .inference import Segmenter
+    from ..inference.segmenter import Segmenter
 
     segmenter = Segmenter(model, device="cpu")
     per_case = {}

@@ -21,20 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..io.locations import home_dir, resources_dir
+
 CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "model.pt"
 DEFAULT_MODEL = "liver-mr-t2"
 ACTIVE_NAME = "active.json"
-
-
-def resources_dir() -> Path:
-    """The extension's ``Resources`` folder (next to the package in the repository)."""
-    return Path(__file__).resolve().parent.parent / "Resources"
-
-
-def home_dir() -> Path:
-    """Writable per-user folder for the registry and user tasks (``LIVERSEG_HOME``, else ``~/.liverseg``)."""
-    return Path(os.environ.get("LIVERSEG_HOME", Path.home() / ".liverseg"))
 
 
 def models_dir() -> Path:
@@ -138,7 +130,7 @@ def find_model(ref: str) -> ModelEntry:
     Raises:
         ModelNotFoundError: unknown name or version.
     """
-    from .errors import ModelNotFoundError
+    from ..errors import ModelNotFoundError
 
     name, _, version = str(ref).partition("@")
     if not version:
@@ -180,7 +172,7 @@ def resolve_model_folder(model: str | os.PathLike | None = None) -> Path:
     Raises:
         ModelNotFoundError: nothing with a model card at that name or path.
     """
-    from .errors import ModelNotFoundError
+    from ..errors import ModelNotFoundError
 
     model = DEFAULT_MODEL if model is None else model
     path = Path(model)

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ProtocolError, ProtocolVersionError
-from .imageio import Geometry, Volume
+from ..errors import ProtocolError, ProtocolVersionError
+from ..io.volumes import Geometry, Volume
 
 PROTOCOL_VERSION = 1
 #: protocol versions this build understands (a server advertises them in ``info``)

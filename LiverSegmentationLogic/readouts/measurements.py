@@ -8,8 +8,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import FatFractionError
-from .imageio import Geometry, Volume
+from ..errors import FatFractionError
+from ..io.volumes import Geometry, Volume
 
 #: liver PDFF above this (percent) flags steatosis (Szczepaniak et al. 2005, the common MR cut-off)
 STEATOSIS_THRESHOLD_PERCENT = 5.56

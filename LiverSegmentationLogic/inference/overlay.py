@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .imageio import Volume
+from ..io.volumes import Volume
 from .preprocessing import AxialReorientation, normalise_intensity
 
 

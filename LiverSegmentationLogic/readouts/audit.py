@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import __version__
-from .imageio import Geometry
+from .. import __version__
+from ..io.volumes import Geometry
 from .metrics import dice
 
 

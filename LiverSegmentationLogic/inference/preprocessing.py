@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .imageio import Geometry, Volume
-from .preprocess_config import PreprocessConfig
+from ..io.volumes import Geometry, Volume
+from ..models.preprocess_config import PreprocessConfig
 
-__all__ = ["PreprocessConfig"]  # re-exported: defined without torch for the task files
 
 
 class AxialReorientation:
