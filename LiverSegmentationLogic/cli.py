@@ -1,4 +1,5 @@
-"""The ``liverseg`` command: segment, batch, evaluate, demo, serve, keys, queue, tasks, train, finetune, models."""
+"""The ``liverseg`` command: segment, batch, evaluate, demo, serve, worker, keys, queue, tasks, train, finetune,
+models."""
 
 from __future__ import annotations
 
@@ -141,9 +142,25 @@ def cmd_serve(args) -> int:
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         curve_secret_file=args.curve_secret,
         curve_clients_dir=args.curve_clients,
+        curve_workers_dir=args.curve_workers,
         client_timeout_s=args.client_timeout,
+        worker_timeout_s=args.worker_timeout,
         queue_dir=args.queue,
+        max_queued=args.max_queued,
+        max_queued_per_client=args.max_queued_per_client,
+        max_queued_bytes=int(args.max_queued_mb * 2**20) if args.max_queued_mb else None,
     )
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import logging
+
+    from .remote.server import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_worker(args.connect, args.server_key, args.worker_cert, model=args.model, device=args.device,
+               name=args.name, threads=args.threads, max_message_bytes=int(args.max_message_mb * 2**20))
     return 0
 
 
@@ -161,19 +178,25 @@ def cmd_queue(args) -> int:
     from .studies.case_queue import CaseQueue
     from .io.volumes import read_volume
 
-    queue = CaseQueue(args.queue)
     if args.action == "add":
+        from .models.tasks import load_task
+
+        task = load_task(args.task)
+        queue = CaseQueue(args.queue, labels={c["name"]: c["label"] for c in task.class_entries()},
+                          modality=task.spec.get("modality") or None)
         image = read_volume(args.image)
         label = np.rint(read_volume(args.label, validate=False).array).astype(np.uint8)
         record = queue.add(image, label, {"study": args.study, "source": str(args.image), "operator": args.operator},
                            on_duplicate=args.on_duplicate)
         print(f"queued {record['case_id']}" + (" (replaced the earlier export)" if record["replaced"] else ""))
     elif args.action == "list":
+        queue = CaseQueue(args.queue)
         cases = queue.list()
         for m in cases:
             print(f"{m['case_id']:<24} {m.get('study') or '-':<16} {m['exported']}  {m.get('source', '')}")
         print(f"{len(cases)} case(s) in {queue.folder}")
     else:
+        queue = CaseQueue(args.queue)
         try:
             queue.remove(args.case)
         except KeyError as exc:
@@ -357,9 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", help="fine-tuning queue folder that clients may submit corrected cases to")
     p.add_argument("--client-timeout", type=float, default=10.0,
                    help="seconds without a client heartbeat before its request is abandoned")
+    p.add_argument("--curve-workers", help="folder of public certificates of workers allowed to connect "
+                   "from other machines (needs --curve-secret)")
+    p.add_argument("--worker-timeout", type=float, default=10.0,
+                   help="seconds without a worker heartbeat before it is declared dead")
+    p.add_argument("--max-queued", type=int, default=32, help="requests waiting for a worker, all clients")
+    p.add_argument("--max-queued-per-client", type=int, default=4, help="requests waiting, per client")
+    p.add_argument("--max-queued-mb", type=float, default=None,
+                   help="bytes of requests waiting, all clients (default 4 x --max-message-mb)")
     p.add_argument("--model", default=None, help="model name, folder or model_card.json")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="serve a remote inference server's requests from this machine")
+    p.add_argument("--connect", required=True, help="the server's backend address, e.g. tcp://server:5556")
+    p.add_argument("--server-key", required=True, help="the server's public certificate (NAME.key)")
+    p.add_argument("--worker-cert", required=True,
+                   help="this worker's secret certificate (NAME.key_secret); its public half goes into the "
+                   "server's --curve-workers folder")
+    p.add_argument("--name", default=None, help="worker name (default: host-pid)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--max-message-mb", type=float, default=1024, help="as the server's")
+    p.add_argument("--model", default=None, help="model name, folder or model_card.json")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("keys", help="make a CurveZMQ key pair (NAME.key and NAME.key_secret)")
     p.add_argument("folder")
@@ -380,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--study", default=None, help="study / scanner tag")
     q.add_argument("--operator", default=None)
     q.add_argument("--on-duplicate", choices=["replace", "version"], default="replace")
+    q.add_argument("--task", default="liver-mr-t2",
+                   help="the task whose classes the label holds (default liver-mr-t2); a queue holds one task")
     qsub.add_parser("list", help="list queued cases")
     q = qsub.add_parser("remove", help="remove a queued case")
     q.add_argument("case")

@@ -56,3 +56,12 @@ class ServerTimeoutError(ServerUnreachableError):
 
 class ProtocolVersionError(LiverSegError):
     """Client and server speak protocol versions that do not overlap."""
+
+
+class MessageTooLargeError(LiverSegError):
+    """A request is larger than the inference server accepts; it was not sent."""
+
+
+class QueueError(LiverSegError, ValueError):
+    """A case cannot go into the fine-tuning queue: labels or modality that do not match the
+    queue, a malformed label table, or a folder that cannot be written."""
