@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..errors import InvalidImageError
 from ..io.volumes import Geometry, Volume
 from ..models.preprocess_config import PreprocessConfig
 
@@ -130,12 +131,24 @@ def resample_in_plane(array: np.ndarray, size: tuple[int, int], is_label: bool =
     return out[:, 0].numpy()
 
 
+#: the model grid's largest side (px); a larger one means a broken spacing or a whole-body field of
+#: view, and would take minutes and gigabytes before failing
+MAX_MODEL_GRID = 1024
+
+
 def model_grid_size(axial_shape, spacing_zyx, config: PreprocessConfig) -> tuple[int, int]:
+    """The in-plane size of the model grid; :class:`InvalidImageError` if it exceeds :data:`MAX_MODEL_GRID`."""
     _, h, w = axial_shape
-    return (
+    size = (
         max(1, int(round(h * spacing_zyx[1] / config.spacing_xy[1]))),
         max(1, int(round(w * spacing_zyx[2] / config.spacing_xy[0]))),
     )
+    if max(size) > MAX_MODEL_GRID:
+        raise InvalidImageError(
+            f"the in-plane field of view ({h * spacing_zyx[1]:.0f} x {w * spacing_zyx[2]:.0f} mm) would need a "
+            f"{size[0]} x {size[1]} model grid (at most {MAX_MODEL_GRID}); check the voxel spacing"
+        )
+    return size
 
 
 def pad_amounts(hw: tuple[int, int], multiple: int) -> tuple[int, int, int, int]:

@@ -159,8 +159,30 @@ def validate_volume(volume: Volume, name: str = "image") -> None:
             raise InvalidImageError(f"{name}: {bad} voxels are NaN or infinite")
     if np.ptp(array) == 0:
         raise InvalidImageError(f"{name}: the volume is empty (every voxel is {array.flat[0]})")
-    if min(volume.geometry.spacing) <= 0:
-        raise InvalidImageError(f"{name}: non-positive voxel spacing {volume.geometry.spacing}")
+    validate_geometry(volume.geometry, name)
+
+
+#: voxel sizes outside this range (mm) are a broken header, not a scan
+SPACING_RANGE_MM = (1e-3, 100.0)
+#: how far the direction matrix may be from orthonormal (DICOM rounding stays far below it)
+DIRECTION_TOLERANCE = 1e-3
+
+
+def validate_geometry(geometry: Geometry, name: str = "image") -> None:
+    """Raise :class:`InvalidImageError` unless the grid is usable: three finite spacings within
+    :data:`SPACING_RANGE_MM`, a finite origin and an orthonormal direction matrix."""
+    spacing, origin, direction = (np.asarray(v, dtype=float) for v in
+                                  (geometry.spacing, geometry.origin, geometry.direction))
+    if spacing.shape != (3,) or origin.shape != (3,) or direction.shape != (9,):
+        raise InvalidImageError(f"{name}: the geometry must be 3D (3 spacings, 3 origin values, 9 direction values)")
+    if not (np.all(np.isfinite(spacing)) and np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
+        raise InvalidImageError(f"{name}: the geometry holds NaN or infinite values")
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        raise InvalidImageError(f"{name}: voxel spacing {tuple(spacing)} mm is outside {low:g}-{high:g} mm")
+    matrix = direction.reshape(3, 3)
+    if np.abs(matrix @ matrix.T - np.eye(3)).max() > DIRECTION_TOLERANCE:
+        raise InvalidImageError(f"{name}: the direction matrix is not orthonormal (singular or skewed axes)")
 
 
 def write_labelmap(path: str | os.PathLike, labels: np.ndarray, geometry: Geometry) -> Path:

@@ -17,6 +17,7 @@ import zmq.auth
 
 from ..errors import (
     CancelledError,
+    MessageTooLargeError,
     ProtocolVersionError,
     RemoteError,
     ServerTimeoutError,
@@ -69,6 +70,7 @@ class InferenceClient:
         self.ctx = zmq.Context.instance()
         self.sock = None
         self.server_info: Optional[dict] = None  # from the first info(), which checks the protocol
+        self.last_request_id: Optional[str] = None
 
     # ------------------------------------------------------------------ socket
     def _new_socket(self):
@@ -104,16 +106,23 @@ class InferenceClient:
         """Send one request and wait for its final reply; returns (header, buffers).
 
         Raises:
+            MessageTooLargeError: the request exceeds the server's size limit (known after ``info``).
             ServerUnreachableError: no answer at all after the retries.
             ServerTimeoutError: the server answered, then went silent.
             RemoteError / ProtocolVersionError: the server replied with an error.
             CancelledError: the request was cancelled.
         """
-        request_id = uuid.uuid4().hex
-        descs, buffers = zip(*arrays, strict=True) if arrays else ((), ())
-        header = {"protocol": PROTOCOL_VERSION, "op": op, "id": request_id, "arrays": list(descs),
+        request_id = self.last_request_id = uuid.uuid4().hex
+        descs, buffers = [a[0] for a in arrays], [a[1] for a in arrays]
+        header = {"protocol": PROTOCOL_VERSION, "op": op, "id": request_id, "arrays": descs,
                   "options": options or {}, **(extra or {})}
         frames = pack(header, buffers)
+        limit = (self.server_info or {}).get("max_message_bytes")
+        size = sum(len(memoryview(f).cast("B")) for f in frames)
+        if isinstance(limit, int) and size > limit:  # the server would cut the connection without a reply
+            raise MessageTooLargeError(
+                f"the request is {size / 2**20:.1f} MB; the server at {self.address} accepts at most "
+                f"{limit / 2**20:.1f} MB (its --max-message-mb)")
         is_cancelled = (cancel.is_set if hasattr(cancel, "is_set") else cancel) if cancel else (lambda: False)
         for attempt in range(self.retries + 1):
             if self.sock is None or attempt > 0:
