@@ -243,8 +243,7 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.slicesToCheckList.clear()
         if not review:
             return
-        for z, voxels, lps in zip(review["slices_to_check"], review["uncertain_voxels"], review["positions_lps"],
-                                  strict=True):
+        for z, voxels, lps in zip(review["slices_to_check"], review["uncertain_voxels"], review["positions_lps"]):
             item = qt.QListWidgetItem(_("axial slice {z}: {n} uncertain voxels").format(z=z, n=voxels))
             item.setData(qt.Qt.UserRole, [-lps[0], -lps[1], lps[2]])  # LPS -> RAS
             self.ui.slicesToCheckList.addItem(item)

@@ -156,7 +156,7 @@ def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
     table = table_node.GetTable()
     table.Initialize()
     columns = [vtk.vtkStringArray() for _ in range(3)]
-    for column, title in zip(columns, ("Measurement", "Value", "Unit"), strict=True):
+    for column, title in zip(columns, ("Measurement", "Value", "Unit")):
         column.SetName(title)
         table.AddColumn(column)
     rows = [(f"{name} volume", f"{ml:.2f}", "mL") for name, ml in readout["volumes_ml"].items()]

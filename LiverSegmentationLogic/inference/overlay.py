@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -18,7 +18,7 @@ def overlay_mosaic(
     volume: Volume,
     labels: np.ndarray,
     classes: Sequence[dict],
-    path: str | os.PathLike,
+    path: Union[str, os.PathLike],
     n_slices: int = 12,
     columns: int = 4,
 ) -> Path:

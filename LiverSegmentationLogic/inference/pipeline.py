@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ..readouts.audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
@@ -21,7 +21,7 @@ from ..readouts.measurements import DEFAULT_MARGIN_MM, segmentation_readouts
 
 def segment_case(
     segmenter: Segmenter,
-    volume: Volume | Sequence[Volume],
+    volume: Union[Volume, Sequence[Volume]],
     ff_map: Optional[Volume] = None,
     margin_mm: float = DEFAULT_MARGIN_MM,
     ff_unit: str = "auto",
@@ -62,7 +62,7 @@ def segment_case(
     return result, readout
 
 
-def write_segmentation(path: str | os.PathLike, result: SegmentationResult) -> Path:
+def write_segmentation(path: Union[str, os.PathLike], result: SegmentationResult) -> Path:
     """Write by extension: ``.seg.nrrd`` (Slicer segmentation with named segments) or any
     labelmap format SimpleITK writes (``.nrrd``, ``.nii.gz``, ``.mha``...)."""
     path = Path(path)

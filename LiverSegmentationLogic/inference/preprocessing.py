@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class AxialReorientation:
         return np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.inverse_axes))
 
 
-def normalise_intensity(array: np.ndarray, intensity: dict, mask: np.ndarray | None = None) -> np.ndarray:
+def normalise_intensity(array: np.ndarray, intensity: dict, mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Clip (to percentiles or a window) and rescale to 0-1, as float32.
 
     Args:
@@ -158,7 +158,7 @@ def pad_amounts(hw: tuple[int, int], multiple: int) -> tuple[int, int, int, int]
 
 
 def prepare_volume(
-    array: np.ndarray, geometry: Geometry, config: PreprocessConfig, roi_mask: np.ndarray | None = None
+    array: np.ndarray, geometry: Geometry, config: PreprocessConfig, roi_mask: Optional[np.ndarray] = None
 ) -> PreparedVolume:
     """Input (k, j, i) array, or (C, k, j, i) for C channels, + geometry -> the model-grid volume,
     with its inverse information.
@@ -203,7 +203,7 @@ def prepare_labels(labels: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
     return np.pad(resampled, ((0, 0), pad[:2], pad[2:]), mode="constant", constant_values=0)
 
 
-def neighbour_stack(image: np.ndarray, slices: np.ndarray | list[int], k: int) -> np.ndarray:
+def neighbour_stack(image: np.ndarray, slices: Union[np.ndarray, list[int]], k: int) -> np.ndarray:
     """2.5D input: for each slice index, the slice and k neighbours on each side (edges replicated).
 
     Args:

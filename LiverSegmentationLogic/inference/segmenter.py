@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ UNCERTAIN_BELOW = 0.9
 ProgressCallback = Callable[[int, int, str], None]
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU (using every core); or a torch device string."""
     if isinstance(device, torch.device):
         return device
@@ -72,7 +72,7 @@ class Segmenter:
             and GPUs); ``None`` picks it on CUDA and on CPU.
     """
 
-    def __init__(self, model: LoadedModel, device="auto", batch_size: int = 8, channels_last: bool | None = None):
+    def __init__(self, model: LoadedModel, device="auto", batch_size: int = 8, channels_last: Optional[bool] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -108,7 +108,7 @@ class Segmenter:
 
     def segment(
         self,
-        volume: Volume | Sequence[Volume],
+        volume: Union[Volume, Sequence[Volume]],
         progress: Optional[ProgressCallback] = None,
         cancel=None,
     ) -> SegmentationResult:

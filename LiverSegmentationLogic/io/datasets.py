@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class CaseFiles:
         return self.case_id.split("/", 1)[-1]
 
 
-def find_cases(folder: str | os.PathLike, n_channels: int = 1) -> list[CaseFiles]:
+def find_cases(folder: Union[str, os.PathLike], n_channels: int = 1) -> list[CaseFiles]:
     """The labelled cases of a dataset folder, in a stable order.
 
     Raises:
@@ -82,7 +82,7 @@ def _natural_key(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def find_all_cases(folders: Sequence[str | os.PathLike], n_channels: int = 1) -> list[CaseFiles]:
+def find_all_cases(folders: Sequence[Union[str, os.PathLike]], n_channels: int = 1) -> list[CaseFiles]:
     cases = [c for f in folders for c in find_cases(f, n_channels)]
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
@@ -103,7 +103,7 @@ def select_cases(cases: Sequence[CaseFiles], names: Sequence[str]) -> list[CaseF
 
 
 def split_cases(
-    cases: Sequence[CaseFiles], validation: Sequence[str] | None = None, fraction: float = 0.2, seed: int = 0
+    cases: Sequence[CaseFiles], validation: Optional[Sequence[str]] = None, fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[CaseFiles], list[CaseFiles]]:
     """Patient-wise split into (train, validation).
 
@@ -131,7 +131,9 @@ def k_folds(cases: Sequence[CaseFiles], k: int, seed: int = 0) -> list[list[Case
     return [[cases[i] for i in sorted(order[f::k])] for f in range(k)]
 
 
-def convert_chaos_ct(source: str | os.PathLike, destination: str | os.PathLike, case: str = "1") -> CaseFiles:
+def convert_chaos_ct(
+    source: Union[str, os.PathLike], destination: Union[str, os.PathLike], case: str = "1"
+) -> CaseFiles:
     """A CHAOS CT case (a DICOM folder ``DICOM_anon`` + liver ground-truth PNGs ``Ground``) ->
     ``image_<case>.nii.gz`` + ``label_<case>.nii.gz`` (label 1 liver) on the DICOM grid.
 
@@ -153,7 +155,7 @@ def convert_chaos_ct(source: str | os.PathLike, destination: str | os.PathLike, 
     image = read_volume(source / "DICOM_anon")
     lps_to_index = np.linalg.inv(image.geometry.index_to_lps())
     labels = np.zeros(image.array.shape, dtype=np.uint8)
-    for dcm, png in zip(files, pngs, strict=True):
+    for dcm, png in zip(files, pngs):
         position = [float(v) for v in pydicom.dcmread(dcm, stop_before_pixels=True).ImagePositionPatient]
         k = int(round((lps_to_index @ np.array(position + [1.0]))[2]))
         labels[k] = np.asarray(Image.open(png)) > 0

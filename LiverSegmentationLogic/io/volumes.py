@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,7 +97,7 @@ def crop_volume(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
     return Volume(volume.array[box], Geometry(g.spacing, tuple(float(o) for o in origin), g.direction))
 
 
-def read_volume(path: str | os.PathLike, validate: bool = True) -> Volume:
+def read_volume(path: Union[str, os.PathLike], validate: bool = True) -> Volume:
     """Read a NIfTI, NRRD, MHA (anything SimpleITK reads) file or a DICOM series folder.
 
     Args:
@@ -185,7 +185,7 @@ def validate_geometry(geometry: Geometry, name: str = "image") -> None:
         raise InvalidImageError(f"{name}: the direction matrix is not orthonormal (singular or skewed axes)")
 
 
-def write_labelmap(path: str | os.PathLike, labels: np.ndarray, geometry: Geometry) -> Path:
+def write_labelmap(path: Union[str, os.PathLike], labels: np.ndarray, geometry: Geometry) -> Path:
     """Write a uint8 labelmap (NRRD, NIfTI, MHA... by extension) on the given grid."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def write_labelmap(path: str | os.PathLike, labels: np.ndarray, geometry: Geomet
 
 
 def write_seg_nrrd(
-    path: str | os.PathLike,
+    path: Union[str, os.PathLike],
     labels: np.ndarray,
     geometry: Geometry,
     segments: Sequence[dict],

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from ..io.locations import home_dir, resources_dir
 
@@ -165,7 +165,7 @@ def new_version_folder(name: str, base_version: str, tag: str) -> tuple[str, Pat
     return version, registry_dir() / name / version
 
 
-def resolve_model_folder(model: str | os.PathLike | None = None) -> Path:
+def resolve_model_folder(model: Optional[Union[str, os.PathLike]] = None) -> Path:
     """A model reference -> its folder: ``None`` (the active default model), ``name``,
     ``name@version``, a model folder or a card path.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import hashlib
 import io
 import json
@@ -56,7 +58,9 @@ class LoadedModel:
         return f"{self.card['name']} {self.card['version']}"
 
 
-def load_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    model: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu"
+) -> LoadedModel:
     """Load a model folder: read the card, check the weights' sha256, build the network.
 
     The weights are read with ``torch.load(weights_only=True)``: tensors only, no code.
@@ -92,7 +96,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     return LoadedModel(network, card, folder)
 
 
-def save_model(folder: str | os.PathLike, network: nn.Module, card: dict) -> Path:
+def save_model(folder: Union[str, os.PathLike], network: nn.Module, card: dict) -> Path:
     """Write weights (float16, to keep the file small) and the card with their sha256.
 
     Writes to temporary names and renames, so a crash leaves no half model.

@@ -88,7 +88,7 @@ class UNet2D(nn.Module):
             if level < len(self.down) - 1:
                 skips.append(x)
                 x = self.pool(x)
-        for up, block in zip(self.up, self.up_blocks, strict=True):
+        for up, block in zip(self.up, self.up_blocks):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)

@@ -35,7 +35,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from .anatomy import STRUCTURES, class_entry
 from ..io.locations import home_dir, resources_dir
@@ -180,7 +180,7 @@ def validate_task(spec: dict, where: str = "task") -> None:
         fail(f"bad 'preprocessing': {exc}")
 
 
-def load_task_file(path: str | os.PathLike) -> Task:
+def load_task_file(path: Union[str, os.PathLike]) -> Task:
     path = Path(path)
     try:
         spec = json.loads(path.read_text())
@@ -204,7 +204,7 @@ def list_tasks() -> list[Task]:
     return [found[n] for n in sorted(found)]
 
 
-def load_task(name_or_path: str | os.PathLike) -> Task:
+def load_task(name_or_path: Union[str, os.PathLike]) -> Task:
     """A task by name or by file path.
 
     Raises:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def review_record(suggestion: np.ndarray, final: np.ndarray, geometry: Geometry,
     }
 
 
-def write_audit(path: str | os.PathLike, record: dict) -> Path:
+def write_audit(path: Union[str, os.PathLike], record: dict) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import zmq
@@ -210,7 +210,7 @@ class InferenceClient:
 
     def segment(
         self,
-        volume: Volume | Sequence[Volume],
+        volume: Union[Volume, Sequence[Volume]],
         ff_map: Optional[Volume] = None,
         margin_mm: float = 3.0,
         ff_unit: str = "auto",

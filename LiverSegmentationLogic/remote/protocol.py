@@ -269,8 +269,7 @@ def submit_options(options: dict) -> dict:
 
 def volume_from(header: dict, buffers: list, name: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Optional[Volume]:
     """The named array of a request as a Volume (None if absent); geometry required."""
-    # unpack() checked that there is one buffer per descriptor (zip's strict= needs Python 3.10)
-    for desc, buf in zip(header.get("arrays", []), buffers):  # noqa: B905
+    for desc, buf in zip(header.get("arrays", []), buffers):  # unpack() checked: one buffer per descriptor
         if isinstance(desc, dict) and desc.get("name") == name:
             array, geometry = decode_array(desc, buf, max_bytes)
             if geometry is None:

@@ -26,7 +26,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,7 +109,7 @@ def check_label_table(labels) -> dict[str, int]:
 class CaseQueue:
     """A folder of corrected cases waiting for fine-tuning."""
 
-    def __init__(self, folder: str | os.PathLike, labels: Optional[dict[str, int]] = None,
+    def __init__(self, folder: Union[str, os.PathLike], labels: Optional[dict[str, int]] = None,
                  modality: Optional[str] = None):
         """Open (or create) a queue.
 

@@ -23,7 +23,7 @@ import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -80,8 +80,8 @@ def _mean(scores: dict) -> float:
 
 def finetune(
     base: str,
-    queue: str | Path,
-    replay: Optional[str | Path] = None,
+    queue: Union[str, Path],
+    replay: Optional[Union[str, Path]] = None,
     replay_cases: Optional[int] = None,
     epochs: int = 20,
     time_budget_s: float = 480.0,

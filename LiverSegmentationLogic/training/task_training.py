@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ def _write_model(folder: Path, task: Task, network: UNet2D, card: dict) -> Loade
 
 def train_task(
     task: Task,
-    datasets: Sequence[str | os.PathLike],
+    datasets: Sequence[Union[str, os.PathLike]],
     output: Optional[Path] = None,
     version: str = "1.0.0",
     epochs: Optional[int] = None,

@@ -8,7 +8,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,8 +40,8 @@ class TrainingCase:
 
 
 def load_case(
-    image_paths: str | os.PathLike | Sequence[str | os.PathLike],
-    label_path: str | os.PathLike,
+    image_paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    label_path: Union[str, os.PathLike],
     config: PreprocessConfig,
     label_map: dict[int, int],
     name: Optional[str] = None,
@@ -58,7 +58,7 @@ def load_case(
     paths = [image_paths] if isinstance(image_paths, (str, os.PathLike)) else list(image_paths)
     images = [read_volume(p) for p in paths]
     labels = read_volume(label_path, validate=False)
-    for path, image in zip(paths, images, strict=True):
+    for path, image in zip(paths, images):
         if image.array.shape != labels.array.shape:
             raise ValueError(f"{label_path}: shape {labels.array.shape} differs from image {path} {image.array.shape}")
     values = np.rint(labels.array).astype(np.int64)
@@ -238,7 +238,7 @@ def train_network(
     return losses
 
 
-def hardware_description(device: str | torch.device = "auto") -> str:
+def hardware_description(device: Union[str, torch.device] = "auto") -> str:
     """What a training ran on, for the model card."""
     device = resolve_device(device)
     if device.type == "cuda":

@@ -117,3 +117,46 @@ def test_panel_can_list_models_and_tasks_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+VERMIN = ["--target=3.9-", "--violations", "--no-tips", "--eval-annotations", "--feature", "union-types",
+          "--exclude", "long"]  # 'long': torch's Tensor.long(), not Python 2's long
+
+
+def _vermin(*paths) -> subprocess.CompletedProcess:
+    pytest.importorskip("vermin", reason="vermin is not installed (pip install -e '.[test]')")
+    command = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", *VERMIN, *map(str, paths)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_everything_slicer_imports_runs_on_python_39(tmp_path):
+    """Slicer 5.8 ships Python 3.9: the module, LiverSegmentationLib and the core (which the panel
+    and its background job import) use nothing newer, checked by vermin and by ruff's py39 target."""
+    result = _vermin(MODULE, REPO / "LiverSegmentationLogic")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--target-version", "py39", str(MODULE),
+                             str(REPO / "LiverSegmentationLogic")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the check does catch what crashed Slicer 5.8
+    (tmp_path / "new.py").write_text("def f(x: dict | None):\n    return list(zip(x, x, strict=True))\n")
+    result = _vermin(tmp_path / "new.py")
+    assert result.returncode != 0 and "zip(strict)" in result.stdout and "union types" in result.stdout
+
+
+def test_lesions_use_slicers_mass_terminology():
+    """Slicer's terminology lists have no 'Lesion' under Anatomical Structure: a lesion is a Mass
+    (SCT 4147007) under Morphologically Altered Structure (SCT 49755003), in new and shipped cards."""
+    import json
+
+    from LiverSegmentationLogic.models.anatomy import class_entry
+    from LiverSegmentationLogic.models.catalog import list_models
+
+    expected = {"category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "4147007", "Mass"]}
+    assert class_entry(2, "lesion")["terminology"] == expected
+    lesion_cards = [e for e in list_models() if any(c["name"] == "lesion" for c in e.card["classes"])]
+    assert lesion_cards
+    for entry in lesion_cards:
+        for c in entry.card["classes"]:
+            if c["name"] == "lesion":
+                assert c["terminology"] == expected, entry.ref
+    assert "52988006" not in json.dumps([e.card for e in list_models()])
