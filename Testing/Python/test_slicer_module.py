@@ -151,7 +151,8 @@ def test_lesions_use_slicers_mass_terminology():
     from LiverSegmentationLogic.models.anatomy import class_entry
     from LiverSegmentationLogic.models.catalog import list_models
 
-    expected = {"category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "4147007", "Mass"]}
+    expected = {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                "type": ["SCT", "4147007", "Mass"]}
     assert class_entry(2, "lesion")["terminology"] == expected
     lesion_cards = [e for e in list_models() if any(c["name"] == "lesion" for c in e.card["classes"])]
     assert lesion_cards
