@@ -13,9 +13,9 @@ from typing import Optional, Sequence, Union
 
 from ..readouts.audit import audit_record
 from .guidance import axial_slice_positions, slices_to_check
-from ..io.volumes import Volume, write_labelmap, write_seg_nrrd
-from .segmenter import ProgressCallback, SegmentationResult, Segmenter
-from .preprocessing import channel_array
+from ..io.volumes import Volume, channel_array, write_labelmap, write_seg_nrrd
+from .results import ProgressCallback, SegmentationResult
+from .segmenter import Segmenter
 from ..readouts.measurements import DEFAULT_MARGIN_MM, segmentation_readouts
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..errors import InvalidImageError
-from ..io.volumes import Geometry, Volume
+from ..io.volumes import Geometry
 from ..models.preprocess_config import PreprocessConfig
 
 
@@ -180,12 +180,6 @@ def prepare_volume(
         planes.append(np.pad(resample_in_plane(axial, size), ((0, 0), pad[:2], pad[2:]), constant_values=0.0))
     image = planes[0] if len(planes) == 1 else np.stack(planes)
     return PreparedVolume(np.ascontiguousarray(image), reorientation, tuple(axial_shape), size, pad)
-
-
-def channel_array(volumes: Sequence[Volume]) -> np.ndarray:
-    """One image per input channel (all on one grid) -> the array :func:`prepare_volume` takes:
-    (k, j, i) for one channel, (C, k, j, i) for several."""
-    return volumes[0].array if len(volumes) == 1 else np.stack([v.array for v in volumes])
 
 
 def grow_region(region: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarray, tuple[slice, ...]]:

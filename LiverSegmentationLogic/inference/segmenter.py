@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import CancelledError, InvalidImageError, ModelLoadError
-from ..io.volumes import Volume, crop_volume, validate_volume
+from ..io.volumes import Volume, channel_array, crop_volume, validate_volume
 from ..models.model_files import LoadedModel
 from .postprocessing import postprocess_labels
-from .preprocessing import channel_array, grow_region, neighbour_stack, prepare_volume
-
-#: a voxel whose winning class probability is below this counts as uncertain
-UNCERTAIN_BELOW = 0.9
-
-#: progress(done, total, stage) is called as work advances
-ProgressCallback = Callable[[int, int, str], None]
+from .preprocessing import grow_region, neighbour_stack, prepare_volume
+from .results import UNCERTAIN_BELOW, ProgressCallback, SegmentationResult
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
@@ -44,21 +38,6 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     if hasattr(cancel, "is_set"):  # threading.Event / multiprocessing.Event
         return cancel.is_set
     return cancel
-
-
-@dataclass
-class SegmentationResult:
-    """A labelmap on the input grid, with what made it."""
-
-    labels: np.ndarray  # (k, j, i) uint8, same shape as the input
-    geometry: "object"  # io.volumes.Geometry of the input
-    classes: list[dict]
-    model: dict  # name, version, sha256 of the weights
-    timings: dict = field(default_factory=dict)  # seconds per stage
-    #: per axial slice (in the reoriented S-P-L order, see preprocessing.AxialReorientation), the
-    #: number of voxels whose winning class probability is below UNCERTAIN_BELOW: where the model
-    #: hesitates, mostly along boundaries it is unsure of (see guidance.slices_to_check)
-    slice_uncertainty: Optional[np.ndarray] = None
 
 
 class Segmenter:
@@ -158,7 +137,11 @@ class Segmenter:
         )
 
     def _model_record(self) -> dict:
-        return {k: self.model.card[k] for k in ("name", "version", "sha256")}
+        """What made a result: name, version, weights hash, and the task and modality it serves
+        (the panel files corrected cases by them)."""
+        card = self.model.card
+        return {**{k: card[k] for k in ("name", "version", "sha256")}, "task": card.get("task", card["name"]),
+                "modality": card.get("modality", "")}
 
     def _segment_stage(self, volumes: list[Volume], progress, is_cancelled, roi_mask=None) -> SegmentationResult:
         """This model's network over the whole of ``volumes`` (one per channel, validated)."""

@@ -89,6 +89,12 @@ class Volume:
         return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image))
 
 
+def channel_array(volumes: Sequence[Volume]) -> np.ndarray:
+    """One image per input channel (all on one grid) -> the array :func:`prepare_volume` takes:
+    (k, j, i) for one channel, (C, k, j, i) for several."""
+    return volumes[0].array if len(volumes) == 1 else np.stack([v.array for v in volumes])
+
+
 def crop_volume(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
     """The sub-volume ``array[box]`` (numpy k, j, i slices with steps of 1) with its true geometry."""
     start_kji = np.array([b.start or 0 for b in box], dtype=float)

@@ -24,9 +24,8 @@ from ..errors import (
     ServerUnreachableError,
 )
 from ..readouts.audit import array_sha256
-from ..io.volumes import Volume
-from ..inference.segmenter import ProgressCallback, SegmentationResult
-from ..inference.preprocessing import channel_array
+from ..io.volumes import Volume, channel_array
+from ..inference.results import ProgressCallback, SegmentationResult
 from .protocol import PROTOCOL_VERSION, channel_array_name, decode_array, encode_array, pack, unpack
 
 HEARTBEAT_S = 1.0  # well under the server's client timeout (10 s by default)

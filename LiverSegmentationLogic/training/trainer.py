@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from ..io.volumes import crop_volume, read_volume
+from ..io.volumes import channel_array, crop_volume, read_volume
 from ..inference.segmenter import resolve_device
 from ..readouts.metrics import dice
 from ..models.model_files import LoadedModel
 from ..models.network import UNet2D
 from ..inference.preprocessing import (
     PreprocessConfig,
-    channel_array,
     grow_region,
     neighbour_stack,
     prepare_labels,
