@@ -1,16 +1,16 @@
-"""LiverSegmentation: liver segmentation, volume and fat-fraction readouts in 3D Slicer.
+"""LiverSegmentation: liver segmentation, volume and fat-fraction readouts in 3D Slicer (5.8 or newer).
 
-The panel is thin: every decision lives in the core (LiverSegmentationLogic) and in the MRML
-bridge (LiverSegmentationLib.mrml_bridge), which are tested headless. Inference never runs on the
-GUI thread: a background process (local) or thread (remote) is polled with a qt.QTimer.
+The panel is thin: its decisions live in LiverSegmentationLib.panel_controller (job lifecycle,
+readout scheduling, export rules, settings, dependencies) and the MRML bridge, which are tested
+headless on slicer-core; the computations live in the core (LiverSegmentationLogic). This file only
+binds widgets to the controller and renders its state. Nothing here blocks the GUI thread: jobs run
+in a background process or thread, polled by a qt.QTimer.
 """
 
-import json
 import logging
 import os
-import shutil
 import sys
-from typing import Annotated, Optional
+from typing import Optional
 
 import qt
 import slicer
@@ -18,7 +18,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -26,6 +26,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+MINIMUM_SLICER = (5, 8)  # Python 3.9; the code is checked against it (Testing/Python/test_slicer_module.py)
+OWN_PACKAGES = ("LiverSegmentationLib", "LiverSegmentationLogic")
 
 
 def _addCoreToPath():
@@ -36,10 +39,6 @@ def _addCoreToPath():
 
 
 _addCoreToPath()
-
-#: modules of Slicer's Python that the core needs, and the pip requirement that provides each
-REQUIRED_PACKAGES = {"scipy": "scipy>=1.10", "skimage": "scikit-image>=0.21", "zmq": "pyzmq>=25",
-                     "tqdm": "tqdm>=4.60", "PIL": "pillow>=9"}
 
 
 #
@@ -58,7 +57,7 @@ class LiverSegmentation(ScriptedLoadableModule):
             "Segments the liver in MR (and CT) with a U-Net, locally or on a remote inference server, "
             "and reads out the liver volume (mL) and fat fraction (PDFF %). Review and correct the "
             "result in the Segment Editor; the readout follows your edits. Export corrected cases to a "
-            "fine-tuning queue so the model adapts to new scanners."
+            "fine-tuning queue so the model adapts to new scanners. Needs 3D Slicer 5.8 or newer."
         )
         self.parent.acknowledgementText = _(
             "Default model trained on CHAOS MR T2-SPIR data (Kavur et al., Medical Image Analysis 69, "
@@ -67,7 +66,7 @@ class LiverSegmentation(ScriptedLoadableModule):
 
 
 #
-# LiverSegmentationParameterNode
+# LiverSegmentationParameterNode: the node selections and the margin, saved with the scene
 #
 
 
@@ -77,10 +76,6 @@ class LiverSegmentationParameterNode:
     ffVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     readoutTable: vtkMRMLTableNode
-    marginMm: Annotated[float, WithinRange(0.0, 20.0)] = 3.0
-    serverAddress: str = "tcp://127.0.0.1:5555"
-    study: str = ""
-    operatorName: str = ""
 
 
 #
@@ -93,9 +88,9 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
         self._observedSegmentation = None
 
     def setup(self) -> None:
@@ -104,18 +99,22 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = LiverSegmentationLogic()
+        self.logic = LiverSegmentationModuleLogic()
+        if (slicer.app.majorVersion, slicer.app.minorVersion) < MINIMUM_SLICER:
+            self.ui.statusLabel.text = _("This module needs 3D Slicer {major}.{minor} or newer.").format(
+                major=MINIMUM_SLICER[0], minor=MINIMUM_SLICER[1])
+            uiWidget.enabled = False
+            return
 
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(100)
-        self.pollTimer.connect("timeout()", self.onPollJob)
-        self.readoutTimer = qt.QTimer()  # debounces readout updates while the operator edits
-        self.readoutTimer.setSingleShot(True)
-        self.readoutTimer.setInterval(400)
-        self.readoutTimer.connect("timeout()", self.updateReadout)
+        from LiverSegmentationLib.panel_controller import PanelController, PanelSettings
+
+        self.controller = PanelController(PanelSettings(qt.QSettings()))
+        self.timer = qt.QTimer()  # drives the controller: job progress, debounced readouts, tasks
+        self.timer.setInterval(100)
+        self.timer.connect("timeout()", self.onTick)
 
         self.ui.modelComboBox.addItems(self.logic.modelNames())
-        self.ui.queueFolderPathLineEdit.currentPath = self.logic.defaultQueueFolder()
+        self.loadSettingsIntoWidgets()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -124,32 +123,72 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.reviewButton.connect("clicked(bool)", self.onReviewButton)
         self.ui.saveCsvButton.connect("clicked(bool)", self.onSaveCsv)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
-        self.ui.backendComboBox.connect("currentIndexChanged(int)", self.updateGUIFromState)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
-        self.ui.ffVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.scheduleReadout)
-        self.ui.marginSpinBox.connect("valueChanged(double)", self.scheduleReadout)
         self.ui.slicesToCheckList.connect("itemClicked(QListWidgetItem*)", self.onSliceToCheckClicked)
+        for selector in (self.ui.inputVolumeSelector, self.ui.ffVolumeSelector, self.ui.outputSegmentationSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSelectionChanged)
+        # settings that persist across scenes and sessions (QSettings)
+        self.ui.backendComboBox.connect("currentTextChanged(QString)", lambda v: self.saveSetting("backend", v))
+        self.ui.deviceComboBox.connect("currentTextChanged(QString)", lambda v: self.saveSetting("device", v))
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", lambda v: self.saveSetting("model", v))
+        self.ui.ffUnitComboBox.connect("currentTextChanged(QString)", lambda v: self.saveSetting("ffUnit", v, True))
+        self.ui.marginSpinBox.connect("valueChanged(double)", lambda v: self.saveSetting("marginMm", v, True))
+        self.ui.serverAddressLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("serverAddress", v))
+        self.ui.studyLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("study", v))
+        self.ui.operatorLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("operatorName", v))
+        self.ui.queueFolderPathLineEdit.connect("currentPathChanged(QString)",
+                                                lambda v: self.saveSetting("queueFolder", v))
 
         self.initializeParameterNode()
+        self.timer.start()
+
+    def loadSettingsIntoWidgets(self) -> None:
+        s = self.controller.settings
+        self.ui.backendComboBox.currentText = s["backend"]
+        self.ui.deviceComboBox.currentText = s["device"]
+        if s["model"] in self.logic.modelNames():
+            self.ui.modelComboBox.currentText = s["model"]
+        self.ui.ffUnitComboBox.currentText = s["ffUnit"]
+        self.ui.marginSpinBox.value = s["marginMm"]
+        self.ui.serverAddressLineEdit.text = s["serverAddress"]
+        self.ui.studyLineEdit.text = s["study"]
+        self.ui.operatorLineEdit.text = s["operatorName"]
+        self.ui.queueFolderPathLineEdit.currentPath = s["queueFolder"]
+
+    def saveSetting(self, name, value, readoutChanged=False) -> None:
+        self.controller.settings[name] = value
+        if readoutChanged:
+            self.controller.segmentation_edited()
+        self.render()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-        self.pollTimer.stop()
+        if self.controller is not None:
+            self.controller.cancel()
+            self.timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        # no readout work while the operator is in other modules (e.g. painting in the Segment Editor
+        # with this module closed); it catches up on enter()
+        self.observeSegmentation(None)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
+
+    def onReload(self) -> None:
+        """Reload also the helper package and the core, not only this file."""
+        from LiverSegmentationLib.panel_controller import forget_imported
+
+        if self.controller is not None:
+            self.controller.cancel()
+        forget_imported(OWN_PACKAGES)
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        self.controller.scene_closing()  # a job ending now writes nothing into the next scene
+        self.observeSegmentation(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -157,87 +196,140 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        if self.controller is None:
+            return
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
+        self.onSelectionChanged()
 
     def setParameterNode(self, inputParameterNode: Optional[LiverSegmentationParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromState)
-            self.updateGUIFromState()
+        self.render()
 
-    def updateGUIFromState(self, caller=None, event=None) -> None:
-        running = self._job is not None
+    # ------------------------------------------------------------------ rendering the controller's state
+    def render(self) -> None:
+        c = self.controller
+        if c is None:
+            return
+        running = c.running
         remote = self.ui.backendComboBox.currentText == "Remote"
         self.ui.deviceComboBox.enabled = not remote
+        self.ui.modelComboBox.enabled = not remote  # the server decides its model
         self.ui.serverAddressLineEdit.enabled = remote
-        self.ui.testConnectionButton.enabled = remote and not running
-        hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
+        self.ui.testConnectionButton.enabled = remote and c.task is None
+        p = self._parameterNode
+        hasInput = bool(p and p.inputVolume)
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or hasInput
         self.ui.progressBar.visible = running
-        hasSegmentation = bool(self._parameterNode and self._parameterNode.outputSegmentation and hasInput)
+        done, total = c.progress
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = done
+        self.ui.statusLabel.text = c.status
+        hasSegmentation = bool(p and p.outputSegmentation and hasInput)
         self.ui.reviewButton.enabled = hasSegmentation and not running
-        self.ui.exportButton.enabled = hasSegmentation and not running
-        self.ui.saveCsvButton.enabled = bool(self._parameterNode and self._parameterNode.readoutTable)
+        self.ui.exportButton.enabled = hasSegmentation and not running and c.task is None
+        self.ui.saveCsvButton.enabled = c.readout_table is not None
+        self.ui.readoutLabel.text = self.readoutText()
 
-    # ------------------------------------------------------------------ segmentation
+    def readoutText(self) -> str:
+        from LiverSegmentationLib.panel_controller import readout_html
+
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        return readout_html(self.controller.readout, self.controller.readout_error, segmentation)
+
+    def onTick(self) -> None:
+        c = self.controller
+        wasRunning, previousResult = c.running, c.result_node
+        c.tick()
+        if wasRunning and not c.running and c.result_node is not None and c.result_node is not previousResult:
+            if self._parameterNode:
+                self._parameterNode.outputSegmentation = c.result_node
+            self.showSlicesToCheck(c.review)
+        if self._parameterNode and c.readout_table is not None and self._parameterNode.readoutTable is None:
+            self._parameterNode.readoutTable = c.readout_table
+        self.render()
+
+    # ------------------------------------------------------------------ actions
     def onApplyButton(self) -> None:
-        if self._job is not None:  # Apply doubles as Cancel
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
+        c = self.controller
+        if c.running:  # Apply doubles as Cancel
+            c.cancel()
+            self.render()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            if not self.logic.ensureDependencies():
+            if not self.ensureDependencies(self.ui.backendComboBox.currentText):
                 return
-            remote = self.ui.backendComboBox.currentText == "Remote"
-            self._job = self.logic.startSegmentation(
-                self._parameterNode.inputVolume,
-                self._parameterNode.ffVolume,
-                model=self.ui.modelComboBox.currentText,
-                device=self.ui.deviceComboBox.currentText,
-                serverAddress=self._parameterNode.serverAddress if remote else None,
-                marginMm=self._parameterNode.marginMm,
-            )
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Segmenting...")
-            self.pollTimer.start()
-            self.updateGUIFromState()
+            p = self._parameterNode
+            c.start(p.inputVolume, p.ffVolume, p.outputSegmentation)
+        self.render()
 
-    def onPollJob(self) -> None:
-        job = self._job
-        for event in job.poll():
-            if event[0] == "progress":
-                _kind, done, total, stage = event
-                self.ui.progressBar.maximum = total
-                self.ui.progressBar.value = done
-                self.ui.statusLabel.text = _("{stage}: {done} of {total} slices").format(
-                    stage=stage, done=done, total=total)
-        if not job.finished:
+    def ensureDependencies(self, backend) -> bool:
+        """Install what the backend needs, after asking; never touches Slicer's own numpy,
+        SimpleITK, scipy or pillow (see panel_controller.dependency_plan)."""
+        from LiverSegmentationLib.panel_controller import MIN_TORCH, dependency_plan
+
+        plan = dependency_plan(backend)
+        if plan.problem:
+            slicer.util.errorDisplay(plan.problem)
+            return False
+        if plan.ready:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The {backend} backend needs: {packages}. Install now?").format(
+                    backend=backend, packages=plan.describe())):
+            return False
+        if plan.torch:
+            import PyTorchUtils  # the PyTorch extension (dependency_plan checked that it is there)
+
+            requirement = ">=" + ".".join(str(n) for n in MIN_TORCH)
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(False, None, requirement) is None:
+                return False
+        if plan.pip:
+            slicer.util.pip_install(plan.pip)
+        again = dependency_plan(backend)
+        if not again.ready:
+            slicer.util.errorDisplay(again.problem or _("Still missing: {packages}. Restart Slicer and try again.")
+                                     .format(packages=again.describe()))
+        return again.ready
+
+    def onTestConnection(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot test the connection.")):
+            if self.ensureDependencies("Remote"):
+                self.controller.test_connection()  # answered in the status line, off the GUI thread
+        self.render()
+
+    def onSelectionChanged(self, *args) -> None:
+        p = self._parameterNode
+        if not p:
             return
-        self.pollTimer.stop()
-        self._job = None
-        if job.state == "done":
-            with slicer.util.tryWithErrorDisplay(_("Failed to show the segmentation."), waitCursor=True):
-                segmentation = self.logic.finishSegmentation(
-                    job, self._parameterNode.inputVolume, self._parameterNode.outputSegmentation)
-                self._parameterNode.outputSegmentation = segmentation
-                self.showSlicesToCheck(job.readout.get("review"))
-                self.ui.statusLabel.text = _("Done: {model}").format(model=self.logic.modelDescription(segmentation))
-        elif job.state == "cancelled":
-            self.ui.statusLabel.text = _("Cancelled.")
-        else:
-            self.ui.statusLabel.text = _("Failed.")
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=job.error))
-        self.updateGUIFromState()
-        self.updateReadout()
+        self.observeSegmentation(p.outputSegmentation)
+        self.controller.select(p.inputVolume, p.ffVolume, p.outputSegmentation)
+        self.render()
+
+    def observeSegmentation(self, node) -> None:
+        """Edits of this segmentation schedule a (debounced) readout."""
+        if self._observedSegmentation is not None:
+            for event in self._segmentationEvents():
+                self.removeObserver(self._observedSegmentation, event, self.controller.segmentation_edited)
+        self._observedSegmentation = node
+        if node is not None:
+            for event in self._segmentationEvents():
+                self.addObserver(node, event, self.controller.segmentation_edited)
+
+    @staticmethod
+    def _segmentationEvents():
+        """Events a segmentation node forwards when the operator paints, erases or adds segments."""
+        segmentation = slicer.vtkSegmentation
+        return [vtk.vtkCommand.ModifiedEvent, segmentation.SourceRepresentationModified, segmentation.SegmentAdded,
+                segmentation.SegmentRemoved, segmentation.SegmentModified]
 
     def showSlicesToCheck(self, review) -> None:
         self.ui.slicesToCheckList.clear()
@@ -252,232 +344,48 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         r, a, s = item.data(qt.Qt.UserRole)
         slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
 
-    def onTestConnection(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Cannot reach the inference server."), waitCursor=True):
-            info = self.logic.serverInfo(self._parameterNode.serverAddress)
-            self.ui.statusLabel.text = self.logic.describeServer(info)
-
-    # ------------------------------------------------------------------ review and readout
-    def onSegmentationChanged(self, node) -> None:
-        if self._observedSegmentation is not None:
-            for event in self._segmentationEvents():
-                self.removeObserver(self._observedSegmentation, event, self.scheduleReadout)
-        self._observedSegmentation = node
-        if node is not None:
-            for event in self._segmentationEvents():
-                self.addObserver(node, event, self.scheduleReadout)
-        self.scheduleReadout()
-
-    @staticmethod
-    def _segmentationEvents():
-        """Events a segmentation node forwards when the operator paints, erases or adds segments."""
-        segmentation = slicer.vtkSegmentation
-        # "Master" was renamed "Source" in Slicer 5.4
-        edited = getattr(segmentation, "SourceRepresentationModified", None)
-        edited = edited or segmentation.MasterRepresentationModified
-        return [vtk.vtkCommand.ModifiedEvent, edited, segmentation.SegmentAdded, segmentation.SegmentRemoved,
-                segmentation.SegmentModified]
-
-    def scheduleReadout(self, *args) -> None:
-        self.readoutTimer.start()
-
-    def updateReadout(self) -> None:
-        p = self._parameterNode
-        if not p or not p.inputVolume or not p.outputSegmentation or self._job is not None:
-            self.ui.readoutLabel.text = _("No segmentation yet.")
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to compute the readout.")):
-            readout, table = self.logic.updateReadout(
-                p.outputSegmentation, p.inputVolume, p.ffVolume, p.marginMm, p.readoutTable)
-            p.readoutTable = table
-            self.ui.readoutLabel.text = self.logic.readoutHtml(readout, p.outputSegmentation)
-            self.updateGUIFromState()
-
     def onReviewButton(self) -> None:
         p = self._parameterNode
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.SegmentEditorWidget.editor
         editor.setSegmentationNode(p.outputSegmentation)
-        if hasattr(editor, "setSourceVolumeNode"):
-            editor.setSourceVolumeNode(p.inputVolume)
-        else:  # Slicer < 5.4
-            editor.setMasterVolumeNode(p.inputVolume)
+        editor.setSourceVolumeNode(p.inputVolume)
 
     def onSaveCsv(self) -> None:
+        from LiverSegmentationLib import mrml_bridge
+
         path = qt.QFileDialog.getSaveFileName(None, _("Save readout"), "liver_readout.csv", "CSV (*.csv)")
         if path:
             with slicer.util.tryWithErrorDisplay(_("Failed to save the CSV file.")):
-                slicer.util.saveNode(self._parameterNode.readoutTable, path)
+                mrml_bridge.save_table(self.controller.readout_table, path)
+                self.controller.status = _("Readout saved to {path}").format(path=path)
+        self.render()
 
     def onExportButton(self) -> None:
         p = self._parameterNode
-        remote = self.ui.backendComboBox.currentText == "Remote"
-        with slicer.util.tryWithErrorDisplay(_("Failed to export the case."), waitCursor=True):
-            record = self.logic.exportToQueue(
-                self.ui.queueFolderPathLineEdit.currentPath, p.inputVolume, p.outputSegmentation,
-                study=p.study, operatorName=p.operatorName, serverAddress=p.serverAddress if remote else None)
-            where = p.serverAddress if remote else self.ui.queueFolderPathLineEdit.currentPath
-            self.ui.statusLabel.text = _("Queued as {case} ({where})").format(case=record["case_id"], where=where)
+        with slicer.util.tryWithErrorDisplay(_("Cannot export the case."), waitCursor=True):
+            if self.ui.backendComboBox.currentText == "Remote" and not self.ensureDependencies("Remote"):
+                return
+            self.controller.export(p.inputVolume, p.outputSegmentation)  # where it went: in the status line
+        self.render()
 
 
 #
-# LiverSegmentationLogic
+# LiverSegmentationModuleLogic (named apart from the core package LiverSegmentationLogic)
 #
 
 
-class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Batch-capable logic: every computation runs without the GUI (see the core and the bridge)."""
-
-    SUGGESTION_ATTRIBUTE = "LiverSegmentation.SuggestionFile"
-    MODEL_ATTRIBUTE = "LiverSegmentation.Model"  # "name version" of the model that made the suggestion
-    MODEL_NAME_ATTRIBUTE = "LiverSegmentation.ModelName"
-    AUDIT_ATTRIBUTE = "LiverSegmentation.Audit"  # the suggestion's audit record (JSON)
-
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._classes = {}
+class LiverSegmentationModuleLogic(ScriptedLoadableModuleLogic):
+    """Scene-level helpers; the computations are in the core, the panel's decisions in
+    LiverSegmentationLib.panel_controller (both usable without the GUI)."""
 
     def getParameterNode(self):
         return LiverSegmentationParameterNode(super().getParameterNode())
 
-    # ---------------------------------------------------------------- models and setup
     def modelNames(self):
         from LiverSegmentationLogic.models.catalog import model_names  # no torch: works before dependencies exist
 
         return model_names()
-
-    def defaultQueueFolder(self):
-        return os.path.join(os.path.expanduser("~"), "LiverSegmentationQueue")
-
-    def ensureDependencies(self) -> bool:
-        """Install missing Python packages on first use, with the user's consent. Never touches
-        Slicer's own numpy or SimpleITK; torch comes from the PyTorch extension."""
-        import importlib.util
-
-        missing = [req for module, req in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            import PyTorchUtils  # provided by the PyTorch extension, a dependency of this extension
-
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                return False
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("LiverSegmentation needs these Python packages: {packages}. Install them now?").format(
-                        packages=", ".join(missing))):
-                return False
-            slicer.util.pip_install(missing)
-        return True
-
-    # ---------------------------------------------------------------- segmentation
-    def startSegmentation(self, inputVolume, ffVolume=None, model=None, device="auto", serverAddress=None,
-                          marginMm=3.0):
-        """Start a background job (local process or remote thread) and return it."""
-        from LiverSegmentationLib import mrml_bridge
-        from LiverSegmentationLib.jobs import LocalProcessJob, RemoteJob
-
-        volume = mrml_bridge.volume_from_node(inputVolume)
-        ffMap = mrml_bridge.volume_from_node(ffVolume) if ffVolume else None
-        if serverAddress:
-            from LiverSegmentationLogic.remote.client import InferenceClient
-
-            return RemoteJob(InferenceClient(serverAddress), volume, ffMap, margin_mm=marginMm)
-        python = shutil.which("PythonSlicer") or sys.executable
-        return LocalProcessJob(volume, ffMap, model=model or None, device=device, margin_mm=marginMm,
-                               python=python)
-
-    def finishSegmentation(self, job, inputVolume, segmentationNode=None):
-        """Put a finished job's labels into a segmentation node and remember the suggestion."""
-        import numpy as np
-        from LiverSegmentationLib import mrml_bridge
-
-        classes = self._classesFor(job.readout["model"]["name"])
-        geometry = mrml_bridge.geometry_from_volume_node(inputVolume)
-        segmentationNode = mrml_bridge.segmentation_from_labels(
-            job.labels, geometry, classes, inputVolume, name=f"{inputVolume.GetName()} liver",
-            segmentation_node=segmentationNode)
-        suggestion = os.path.join(slicer.app.temporaryPath, f"liverseg_suggestion_{segmentationNode.GetID()}.npy")
-        np.save(suggestion, job.labels)
-        segmentationNode.SetAttribute(self.SUGGESTION_ATTRIBUTE, suggestion)
-        model = job.readout["model"]
-        segmentationNode.SetAttribute(self.MODEL_ATTRIBUTE, f"{model['name']} {model['version']}")
-        segmentationNode.SetAttribute(self.MODEL_NAME_ATTRIBUTE, model["name"])
-        segmentationNode.SetAttribute(self.AUDIT_ATTRIBUTE, json.dumps(job.readout.get("audit")))
-        return segmentationNode
-
-    def _classesForSegmentation(self, segmentationNode):
-        """Classes of the model that made this segmentation (the default model's for others)."""
-        from LiverSegmentationLogic.models.catalog import DEFAULT_MODEL
-
-        return self._classesFor(segmentationNode.GetAttribute(self.MODEL_NAME_ATTRIBUTE) or DEFAULT_MODEL)
-
-    def _classesFor(self, modelName):
-        if modelName not in self._classes:
-            from LiverSegmentationLogic.models.catalog import CARD_NAME, resolve_model_folder
-
-            card = json.loads((resolve_model_folder(modelName) / CARD_NAME).read_text())
-            self._classes[modelName] = card["classes"]
-        return self._classes[modelName]
-
-    def modelDescription(self, segmentationNode):
-        return segmentationNode.GetAttribute(self.MODEL_ATTRIBUTE) or _("unknown model")
-
-    def serverInfo(self, address):
-        from LiverSegmentationLogic.remote.client import InferenceClient
-
-        with InferenceClient(address, connect_timeout_s=3, retries=0) as client:
-            return client.info()
-
-    def describeServer(self, info):
-        model = info.get("models") or {}
-        tasks = ", ".join(f"{task} ({ref or _('no model')})" for task, ref in (info.get("tasks") or {}).items())
-        return _("Server {version} (protocol {protocol}), {workers} worker(s) on {devices}; model {model}; "
-                 "tasks there: {tasks}").format(
-            version=info["server_version"], protocol=info["protocol"], workers=info["workers"],
-            devices=", ".join(info["devices"]) or "-", model=f"{model.get('name')} {model.get('version')}",
-            tasks=tasks or "-")
-
-    # ---------------------------------------------------------------- readout and export
-    def updateReadout(self, segmentationNode, inputVolume, ffVolume=None, marginMm=3.0, tableNode=None):
-        from LiverSegmentationLib import mrml_bridge
-
-        classes = self._classesForSegmentation(segmentationNode)
-        readout = mrml_bridge.readouts_from_segmentation(segmentationNode, inputVolume, classes, ffVolume, marginMm)
-        model = segmentationNode.GetAttribute(self.MODEL_ATTRIBUTE)
-        table = mrml_bridge.readout_table(readout, {"name": model, "version": ""} if model else None, tableNode)
-        return readout, table
-
-    def readoutHtml(self, readout, segmentationNode):
-        rows = [f"<b>{name} volume</b>: {ml:.1f} mL" for name, ml in readout["volumes_ml"].items()]
-        ff = readout.get("fat_fraction")
-        if ff:
-            flag = "<b style='color:#c0392b'>steatosis</b>" if ff["steatosis"] else "no steatosis"
-            rows.append(f"<b>PDFF</b>: median {ff['median']:.1f} %, mean {ff['mean']:.1f} % ({flag})")
-        else:
-            rows.append("PDFF: select a fat-fraction map")
-        rows.append(f"<i>model {self.modelDescription(segmentationNode)}</i>")
-        return "<br>".join(rows)
-
-    def exportToQueue(self, queueFolder, inputVolume, segmentationNode, study="", operatorName="",
-                      serverAddress=None):
-        """Queue the reviewed case in a local folder, or on the inference server when given."""
-        import numpy as np
-        from LiverSegmentationLib import mrml_bridge
-
-        suggestionFile = segmentationNode.GetAttribute(self.SUGGESTION_ATTRIBUTE)
-        suggestion = np.load(suggestionFile) if suggestionFile and os.path.exists(suggestionFile) else None
-        classes = self._classesForSegmentation(segmentationNode)
-        meta = {"study": study, "operator": operatorName, "model": self.modelDescription(segmentationNode),
-                "suggestion_audit": json.loads(segmentationNode.GetAttribute(self.AUDIT_ATTRIBUTE) or "null")}
-        if not serverAddress:
-            return mrml_bridge.export_case_to_queue(queueFolder, inputVolume, segmentationNode, classes, suggestion,
-                                                    meta=meta)
-        from LiverSegmentationLogic.remote.client import InferenceClient
-
-        image, corrected, record = mrml_bridge.reviewed_case(inputVolume, segmentationNode, classes, suggestion, meta)
-        with InferenceClient(serverAddress) as client:
-            return client.submit(image, corrected, record, labels={c["name"]: c["label"] for c in classes})
 
 
 #
@@ -486,7 +394,7 @@ class LiverSegmentationLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverSegmentationTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Reload and Test): the sample case through the logic, end to end."""
+    """Runs inside Slicer (Reload and Test): the sample case through the controller, end to end."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -498,19 +406,23 @@ class LiverSegmentationTest(ScriptedLoadableModuleTest):
     def test_SampleCase(self):
         import time
 
+        from LiverSegmentationLib.panel_controller import DictSettings, PanelController, PanelSettings
         from LiverSegmentationLogic.io.sample import sample_paths
 
         imagePath, _labelPath = sample_paths()
         volume = slicer.util.loadVolume(str(imagePath))
-        logic = LiverSegmentationLogic()
-        job = logic.startSegmentation(volume)
+        controller = PanelController(PanelSettings(DictSettings()), readout_delay_s=0)
+        controller.start(volume)
         deadline = time.time() + 300
-        while not job.finished and time.time() < deadline:
-            job.poll()
+        while controller.running and time.time() < deadline:
+            controller.tick()
             slicer.app.processEvents()
             time.sleep(0.1)
-        self.assertEqual(job.state, "done", job.error)
-        segmentation = logic.finishSegmentation(job, volume)
-        readout, _table = logic.updateReadout(segmentation, volume)
-        self.assertGreater(readout["volumes_ml"]["liver"], 500)
+        self.assertTrue(controller.status.startswith("Done"), controller.status)
+        controller.select(volume, None, controller.result_node)
+        deadline = time.time() + 60
+        while controller.readout is None and controller.readout_error is None and time.time() < deadline:
+            controller.tick()
+            time.sleep(0.1)
+        self.assertGreater(controller.readout["volumes_ml"]["liver"], 500)
         logging.info("LiverSegmentation test passed")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +41,7 @@ class Job:
         self.error: Optional[str] = None
         self.labels: Optional[np.ndarray] = None
         self.readout: Optional[dict] = None
+        self.classes: Optional[list] = None  # the model card's classes, when the job knows them
 
     @property
     def finished(self) -> bool:
@@ -95,10 +97,9 @@ class LocalProcessJob(Job):
         package_parent = str(Path(LiverSegmentationLogic.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            start_new_session=True,  # its own process group, so cancel stops every child too
-        )
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                        **_background_process_options())
+        self._exited_at: Optional[float] = None
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -119,30 +120,77 @@ class LocalProcessJob(Job):
             self._stderr.append(line.rstrip())
 
     def _update_state(self):
+        """Never waits: the GUI thread calls it from a timer."""
         if self.state != RUNNING or self.process.poll() is None:
             return
-        for reader in self._readers:
-            reader.join(5)
+        if self._exited_at is None:
+            self._exited_at = time.monotonic()
+        # the output is complete once the readers have drained the pipes; a grandchild that kept
+        # them open is not waited for beyond READER_GRACE_S
+        if any(r.is_alive() for r in self._readers) and time.monotonic() - self._exited_at < READER_GRACE_S:
+            return
         if self._cancelled:
             self.state = CANCELLED
         elif self.process.returncode == 0:
-            self.labels = read_volume(self.output, validate=False).array
-            self.readout = json.loads(self.readout_path.read_text())
-            self.state = DONE
+            try:
+                self.labels = read_volume(self.output, validate=False).array
+                self.readout = json.loads(self.readout_path.read_text())
+                self.state = DONE
+            except (OSError, ValueError, LiverSegError) as exc:
+                self.error, self.state = f"the segmentation process left no readable result ({exc})", FAILED
         else:
-            errors = [line for line in self._stderr if line.startswith("liverseg: error:")]
-            self.error = (errors[-1].removeprefix("liverseg: error: ") if errors
-                          else "\n".join(self._stderr[-5:]) or f"exit code {self.process.returncode}")
+            prefix = "liverseg: error: "
+            errors = [line[len(prefix):] for line in self._stderr if line.startswith(prefix)]
+            tail = "\n".join(self._stderr[-5:])
+            self.error = errors[-1] if errors else tail or f"exit code {self.process.returncode}"
             self.state = FAILED
         self._tmp.cleanup()
 
     def cancel(self):
         if self.process.poll() is None:
             self._cancelled = True
+            kill_process_tree(self.process)
+
+
+READER_GRACE_S = 2.0
+
+
+def _background_process_options() -> dict:
+    """Popen options: no console window on Windows; elsewhere a process group of its own."""
+    if os.name == "nt":
+        # bit flags, not a type union (vermin reads "A | B" as one)
+        flags = subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP  # novermin
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """Kill a process and everything it started, without waiting: a launcher (PythonSlicer) starts
+    the real interpreter, which must not survive it and keep the pipes open."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(process.pid)
+            family = parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            family = []
+        for member in family:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, AttributeError):  # AttributeError: Windows
-                self.process.kill()
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return
+    if os.name == "nt":  # taskkill ends the whole tree (/T), forcefully (/F)
+        subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the session's process group
+    except (ProcessLookupError, PermissionError):
+        process.kill()
 
 
 class RemoteJob(Job):
@@ -168,6 +216,7 @@ class RemoteJob(Job):
                 volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit,
                 progress=lambda d, t, s: self.events.put(("progress", d, t, s)), cancel=self._cancel,
             )
+            self.classes = result.classes  # the server's model may not exist on this machine
             self._outcome = (DONE, result.labels, readout, None)
         except CancelledError:
             self._outcome = (CANCELLED, None, None, None)
@@ -184,3 +233,31 @@ class RemoteJob(Job):
 
     def cancel(self):
         self._cancel.set()
+
+
+class ThreadJob(Job):
+    """Any short piece of work (a server query, a queue export) in a thread; ``result`` holds its
+    return value when done, ``error`` its message when it failed. Cancel only stops waiting."""
+
+    def __init__(self, work, *args, **kwargs):
+        super().__init__()
+        self.result = None
+        self._outcome = None
+        self._thread = threading.Thread(target=self._run, args=(work, args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, work, args, kwargs):
+        try:
+            self._outcome = (DONE, work(*args, **kwargs), None)
+        except LiverSegError as exc:
+            self._outcome = (FAILED, None, str(exc))
+        except Exception as exc:  # anything else must still end the job, with a message
+            self._outcome = (FAILED, None, f"{type(exc).__name__}: {exc}")
+
+    def _update_state(self):
+        if self.state == RUNNING and self._outcome is not None:
+            self.state, self.result, self.error = self._outcome
+
+    def cancel(self):
+        if self.state == RUNNING:
+            self.state = CANCELLED

@@ -22,12 +22,30 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- volumes
-def geometry_from_volume_node(node) -> Geometry:
-    """A volume node's grid as a core :class:`Geometry` (LPS)."""
+class TransformError(ValueError):
+    """A node sits under a transform that cannot be applied to its grid (a non-linear one)."""
+
+
+def geometry_from_volume_node(node, world: bool = True) -> Geometry:
+    """A volume node's grid as a core :class:`Geometry` (LPS).
+
+    Args:
+        world: apply the node's parent transforms, as Slicer shows the volume (a linear transform
+            only: a warped volume has no grid of its own; harden the transform first). False: the
+            node's own grid, before any transform.
+    """
     ijk_to_ras = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(ijk_to_ras)
     m = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
-    spacing = np.array(node.GetSpacing(), dtype=float)
+    transform = node.GetParentTransformNode() if world else None
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise TransformError(f"{node.GetName()} is under the non-linear transform {transform.GetName()}: "
+                                 "harden the transform (Data module) before segmenting or measuring it")
+        to_world = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(to_world)
+        m = slicer.util.arrayFromVTKMatrix(to_world) @ m
+    spacing = np.linalg.norm(m[:3, :3], axis=0)  # a scaling transform changes the voxel size
     direction_ras = m[:3, :3] / spacing  # columns: unit directions of i, j, k
     direction = LPS_FROM_RAS @ direction_ras
     origin = LPS_FROM_RAS @ m[:3, 3]
@@ -41,9 +59,15 @@ def ijk_to_ras_from_geometry(geometry: Geometry) -> np.ndarray:
     return m
 
 
-def volume_from_node(node) -> Volume:
-    """Voxels (a copy, (k, j, i) order) and geometry of a scalar volume node."""
-    return Volume(np.array(slicer.util.arrayFromVolume(node)), geometry_from_volume_node(node))
+def volume_from_node(node, world: bool = True) -> Volume:
+    """Voxels (a copy, (k, j, i) order) and geometry (in world coordinates, see
+    :func:`geometry_from_volume_node`) of a scalar volume node."""
+    return Volume(np.array(slicer.util.arrayFromVolume(node)), geometry_from_volume_node(node, world))
+
+
+def volume_shape(node) -> tuple:
+    """(k, j, i) voxel counts of a volume node."""
+    return tuple(int(n) for n in node.GetImageData().GetDimensions()[::-1])
 
 
 def add_volume_node(volume: Volume, name: str, labelmap: bool = False):
@@ -68,7 +92,8 @@ def segmentation_from_labels(
     coloured segment per class, with standard terminology, referencing the source volume's grid.
 
     Args:
-        labels: (k, j, i) labelmap on ``geometry``.
+        labels: (k, j, i) labelmap on ``geometry``, the source volume's own grid (``world=False``):
+            the segmentation is placed under the source volume's transform.
         classes: the model card's classes (label, name, color, terminology).
     """
     if segmentation_node is None:
@@ -76,9 +101,12 @@ def segmentation_from_labels(
         segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     segmentation.RemoveAllSegments()
+    # the labels lie on the source volume's own grid, so they follow its transform
+    segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     with _temporary_nodes():
         labelmap_node = add_volume_node(Volume(labels.astype(np.uint8), geometry), "__labels__", labelmap=True)
+        labelmap_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())  # no resampling
         for cls in classes:
             segment_id = segmentation.AddEmptySegment(cls["name"], cls["name"], list(cls["color"]))
             mask = (labels == cls["label"]).astype(np.uint8)
@@ -108,6 +136,7 @@ def labels_from_segmentation(segmentation_node, reference_volume_node, classes: 
         return out
     with _temporary_nodes():
         labelmap_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
+        labelmap_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
         logic = slicer.modules.segmentations.logic()
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap_node, reference_volume_node):
             raise RuntimeError("Exporting the segmentation to a labelmap failed")
@@ -147,6 +176,47 @@ def readouts_from_segmentation(
     ff_map = volume_from_node(ff_volume_node) if ff_volume_node is not None else None
     return segmentation_readouts(labels, geometry_from_volume_node(reference_volume_node), classes, ff_map,
                                  margin_mm, ff_unit)
+
+
+def save_table(table_node, path) -> None:
+    """Write a table node as CSV; raises OSError when it cannot (``slicer.util.saveNode`` only
+    returns False, so a failed save went unnoticed)."""
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.WriteData(table_node):
+            raise OSError(f"{path} could not be saved (check the folder exists and is writable)")
+    finally:
+        slicer.mrmlScene.RemoveNode(storage)
+
+
+# ----------------------------------------------------------------------------- the suggestion
+SUGGESTION_ROLE = "LiverSegmentationSuggestion"
+
+
+def store_suggestion(segmentation_node, labels: np.ndarray, reference_volume_node):
+    """Keep the model's suggestion with the segmentation: a hidden labelmap node on the source
+    volume's grid, referenced from the segmentation, saved with the scene. The review record
+    (Dice, changed volume) is measured against it, whatever happens to node IDs."""
+    old = segmentation_node.GetNodeReference(SUGGESTION_ROLE)
+    if old is not None:
+        slicer.mrmlScene.RemoveNode(old)
+    geometry = geometry_from_volume_node(reference_volume_node, world=False)
+    node = add_volume_node(Volume(labels.astype(np.uint8), geometry), f"{segmentation_node.GetName()} suggestion",
+                           labelmap=True)
+    node.SetHideFromEditors(True)
+    node.SetAttribute("LiverSegmentation.Role", "suggestion")
+    node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+    segmentation_node.SetNodeReferenceID(SUGGESTION_ROLE, node.GetID())
+    return node
+
+
+def suggestion_of(segmentation_node) -> Optional[np.ndarray]:
+    """The model's suggestion stored with this segmentation (None for one the model did not make)."""
+    node = segmentation_node.GetNodeReference(SUGGESTION_ROLE)
+    if node is None or node.GetImageData() is None:
+        return None
+    return np.array(slicer.util.arrayFromVolume(node))
 
 
 def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
@@ -227,5 +297,5 @@ def export_case_to_queue(
 
     image, corrected, record = reviewed_case(volume_node, segmentation_node, classes, suggestion, meta)
     labels = {c["name"]: int(c["label"]) for c in classes}
-    queue = CaseQueue(queue_folder, labels=labels, modality=(meta or {}).get("modality", "MR"))
+    queue = CaseQueue(queue_folder, labels=labels, modality=(meta or {}).get("modality"))
     return queue.add(image, corrected, record, on_duplicate=on_duplicate)

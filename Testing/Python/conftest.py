@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import types
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,32 @@ def segmenter(default_model):
 @pytest.fixture(scope="session")
 def sample_result(segmenter, sample_case):
     return segmenter.segment(sample_case[0])
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A real scene with the converter rules registered and slicer.mrmlScene / slicer.modules bound
+    to real logic objects, as the Slicer application would."""
+    pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    import slicer.util
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+    mrml_scene = slicer.vtkMRMLScene()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(mrml_scene)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(mrml_scene)
+    saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
+    slicer.mrmlScene = mrml_scene
+    slicer.modules = types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
+        volumes=types.SimpleNamespace(logic=lambda: volumes),
+    )
+    yield mrml_scene
+    for name, value in saved.items():
+        if value is None:
+            delattr(slicer, name)
+        else:
+            setattr(slicer, name, value)

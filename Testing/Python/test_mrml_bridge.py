@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -14,34 +13,6 @@ from LiverSegmentationLogic.io.volumes import Geometry, Volume
 from LiverSegmentationLogic.readouts.metrics import dice
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-
-
-@pytest.fixture(scope="module")
-def scene():
-    """A real scene with the converter rules registered and slicer.mrmlScene / slicer.modules bound
-    to real logic objects, as the Slicer application would."""
-    import slicer.util  # noqa: F401
-
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
-    mrml_scene = slicer.vtkMRMLScene()
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(mrml_scene)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLScene(mrml_scene)
-    saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
-    slicer.mrmlScene = mrml_scene
-    slicer.modules = types.SimpleNamespace(
-        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
-        volumes=types.SimpleNamespace(logic=lambda: volumes),
-    )
-    yield mrml_scene
-    for name, value in saved.items():
-        if value is None:
-            delattr(slicer, name)
-        else:
-            setattr(slicer, name, value)
 
 
 @pytest.fixture()
