@@ -458,3 +458,31 @@ def test_reload_forgets_the_helper_package_and_the_core():
         for name in [n for n in sys.modules if n.startswith("LiverSegmentationLogic")]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def test_local_path_needs_only_torch_and_what_slicer_ships(small_case, tmp_path):
+    """The panel's background process (liverseg segment) runs with tqdm, monai, pyzmq, pydicom and
+    scikit-image unavailable: Slicer ships numpy, SimpleITK, scipy and pillow; torch comes from the
+    PyTorch extension."""
+    import subprocess
+
+    import SimpleITK as sitk
+
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(small_case[0].to_sitk(), str(path))
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('tqdm', 'monai', 'zmq', 'pydicom', 'skimage'):\n"
+        "        raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "from LiverSegmentationLogic.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "segment", str(path), "-o", str(tmp_path / "out.nrrd"),
+                             "--progress-lines", "--json", str(tmp_path / "readout.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "readout.json").read_text())["volumes_ml"]["liver"] > 100
