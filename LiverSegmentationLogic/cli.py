@@ -62,13 +62,15 @@ def cmd_batch(args) -> int:
 
     def on_case(row):
         bar.update(1)
-        bar.write(f"{row['case']}: {row['status']}", file=sys.stderr)
+        review = f" - needs review: {row['quality_reasons']}" if row.get("quality") == "needs review" else ""
+        bar.write(f"{row['case']}: {row['status']}{review}", file=sys.stderr)
 
     rows = run_batch(Path(args.study), Path(args.output), _load_segmenter(args), on_case=on_case)
     bar.close()
     failed = [r for r in rows if r["status"].startswith("failed")]
-    print(f"{len(rows)} case(s): {len(rows) - len(failed)} done, {len(failed)} failed; "
-          f"table: {Path(args.output) / 'results.csv'}")
+    flagged = [r for r in rows if r.get("quality") == "needs review"]
+    print(f"{len(rows)} case(s): {len(rows) - len(failed)} done ({len(flagged)} need review), {len(failed)} failed; "
+          f"table (cases needing attention first): {Path(args.output) / 'results.csv'}")
     return 1 if failed else 0
 
 

@@ -247,6 +247,9 @@ def readout_table(readout: dict, model: Optional[dict] = None, table_node=None):
             ("lesion volume", f"{lesions['total_volume_ml']:.2f}", "mL"),
             ("lesion burden", "n/a" if burden is None else f"{burden:.2f}", "% of liver"),
         ]
+    quality = readout.get("quality")
+    if quality:
+        rows.append(("quality", quality["status"], "; ".join(quality["reasons"])))
     if model:
         rows.append(("model", f"{model['name']} {model['version']}", ""))
     rows.append(("computed", datetime.datetime.now().isoformat(timespec="seconds"), ""))

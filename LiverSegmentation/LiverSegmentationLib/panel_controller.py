@@ -497,7 +497,13 @@ def readout_html(readout: Optional[dict], error: Optional[str], segmentation_nod
         return f"<span style='color:#c0392b'>Readout: {error}</span>"
     if not readout:
         return "No segmentation yet."
-    rows = [f"<b>{name} volume</b>: {ml:.1f} mL" for name, ml in readout["volumes_ml"].items()]
+    quality = readout.get("quality") or {}
+    rows = []
+    if quality.get("status") == "needs review":
+        rows.append("<b style='color:#c0392b'>Needs review</b>: " + "; ".join(quality["reasons"]))
+    elif quality.get("status") == "ok":
+        rows.append("<b style='color:#27ae60'>Quality check: ok</b>")
+    rows += [f"<b>{name} volume</b>: {ml:.1f} mL" for name, ml in readout["volumes_ml"].items()]
     ff = readout.get("fat_fraction")
     if ff:
         flag = "<b style='color:#c0392b'>steatosis</b>" if ff["steatosis"] else "no steatosis"

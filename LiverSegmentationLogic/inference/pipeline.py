@@ -44,7 +44,7 @@ def segment_case(
     t0 = time.perf_counter()
     kinds = segmenter.model.card.get("readouts", ["volume", "fat_fraction"])
     readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit,
-                                    kinds)
+                                    kinds, result.uncertain_by_label)
     readout["model"] = result.model
     if result.slice_uncertainty is not None:
         flagged = slices_to_check(result.slice_uncertainty)
@@ -99,6 +99,10 @@ def format_readout(readout: dict) -> str:
         ]
     elif "liver" in readout["volumes_ml"]:
         rows.append(("liver PDFF", "n/a (no fat-fraction map given)"))
+    quality = readout.get("quality")
+    if quality:
+        rows.append(("quality", quality["status"]))
+        rows += [("", f"- {reason}") for reason in quality["reasons"]]
     timings = readout.get("timings", {})
     if timings:
         rows.append(("time", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())))

@@ -27,3 +27,6 @@ class SegmentationResult:
     #: number of voxels whose winning class probability is below UNCERTAIN_BELOW: where the model
     #: hesitates, mostly along boundaries it is unsure of (see guidance.slices_to_check)
     slice_uncertainty: Optional[np.ndarray] = None
+    #: per written label value (index 0-255), how many of the voxels the network gave that label
+    #: were uncertain (before postprocessing): the share of a structure the model hesitated on
+    uncertain_by_label: Optional[np.ndarray] = None

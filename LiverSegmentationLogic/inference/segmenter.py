@@ -118,6 +118,7 @@ class Segmenter:
         """First stage: the ROI model (e.g. liver); second: this model inside the ROI (e.g. lesions)."""
         first = self.roi._segment_stage(volumes, _staged(progress, "1/2"), is_cancelled)
         labels = first.labels.copy()
+        uncertain = first.uncertain_by_label
         roi = labels == self.roi_label
         timings = {f"{k} (stage 1)": v for k, v in first.timings.items()}
         if roi.any():
@@ -127,6 +128,7 @@ class Segmenter:
             inside = roi[box] & (second.labels > 0)
             labels[box][inside] = second.labels[inside]  # labels[box] is a view: writes into labels
             timings.update({f"{k} (stage 2)": v for k, v in second.timings.items()})
+            uncertain = first.uncertain_by_label + second.uncertain_by_label
         return SegmentationResult(
             labels=labels,
             geometry=volumes[0].geometry,
@@ -134,6 +136,7 @@ class Segmenter:
             model=dict(self._model_record(), roi_model=first.model),
             timings=timings,
             slice_uncertainty=first.slice_uncertainty,
+            uncertain_by_label=uncertain,
         )
 
     def _model_record(self) -> dict:
@@ -154,6 +157,7 @@ class Segmenter:
         n_slices = prepared.axial_shape[0]
         axial_labels = np.zeros(prepared.axial_shape, dtype=np.uint8)
         uncertainty = np.zeros(n_slices, dtype=np.int64)
+        uncertain_by_label = np.zeros(256, dtype=np.int64)
         k = self.config.neighbours
         with torch.inference_mode():
             for start in range(0, n_slices, self.batch_size):
@@ -168,7 +172,9 @@ class Segmenter:
                 label = probs.argmax(dim=1)
                 axial_labels[idx] = self.output_labels[label.cpu()].numpy()
                 written = torch.einsum("bchw,cl->blhw", probs, self._to_written).amax(dim=1)
-                uncertainty[idx] = (written < UNCERTAIN_BELOW).sum(dim=(1, 2)).cpu().numpy()
+                uncertain = (written < UNCERTAIN_BELOW).cpu().numpy()
+                uncertainty[idx] = uncertain.sum(axis=(1, 2))
+                uncertain_by_label += np.bincount(axial_labels[idx][uncertain], minlength=256)
                 if progress:
                     progress(int(idx[-1]) + 1, n_slices, "inference")
         timings["inference"] = time.perf_counter() - t0
@@ -184,6 +190,7 @@ class Segmenter:
             model=self._model_record(),
             timings=timings,
             slice_uncertainty=uncertainty,
+            uncertain_by_label=uncertain_by_label,
         )
 
 

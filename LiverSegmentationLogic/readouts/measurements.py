@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from ..errors import FatFractionError
 from ..io.volumes import Geometry, Volume, crop_volume
+from .quality import quality_check
 
 #: liver PDFF above this (percent) flags steatosis (Szczepaniak et al. 2005, the common MR cut-off)
 STEATOSIS_THRESHOLD_PERCENT = 5.56
@@ -177,13 +178,16 @@ def segmentation_readouts(
     margin_mm: float = DEFAULT_MARGIN_MM,
     ff_unit: str = "auto",
     readouts: Sequence[str] = ("volume", "fat_fraction", "lesions"),
+    uncertain_by_label: Optional[np.ndarray] = None,
 ) -> dict:
     """The readouts of a labelmap: ``volumes_ml`` per class name, ``fat_fraction`` (measured in
-    the class named "liver"; None without a map or without a liver class) and ``lesions`` (for a
-    class named "lesion"; None otherwise).
+    the class named "liver"; None without a map or without a liver class), ``lesions`` (for a
+    class named "lesion"; None otherwise) and ``quality`` ("ok" or "needs review" with the
+    reasons, see :mod:`readouts.quality`).
 
     Args:
-        readouts: which apply (a model card's ``readouts``); volumes are always given.
+        readouts: which apply (a model card's ``readouts``); volumes and quality are always given.
+        uncertain_by_label: the segmenter's uncertain voxel counts per label (for the QC).
     """
     by_name = {c["name"]: int(c["label"]) for c in classes}
     readout = {
@@ -196,6 +200,7 @@ def segmentation_readouts(
                                                        margin_mm=margin_mm, unit=ff_unit)
     if "lesion" in by_name and "lesions" in readouts:
         readout["lesions"] = lesion_readout(labels, geometry, by_name["lesion"], by_name.get("liver"))
+    readout["quality"] = quality_check(labels, geometry, classes, uncertain_by_label)
     return readout
 
 

@@ -5,7 +5,8 @@ name contains ``label``, ``mask`` or ``seg``, and fat-fraction maps. A fat-fract
 with the scan of the same name plus ``_ff`` or ``_pdff`` in the same folder (``case7.nii.gz`` and
 ``case7_pdff.nii.gz``). Results: ``OUT/<case>/{segmentation.seg.nrrd, qa.png, readout.json,
 audit.json}`` and ``OUT/results.csv``. A re-run skips finished cases; a failing case gets a row
-saying why and does not stop the others.
+saying why and does not stop the others. The table lists first the cases that need attention:
+those the quality control flags ("needs review", with its reasons) and those that failed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..readouts.audit import write_audit
+from ..readouts.quality import NEEDS_REVIEW
 from ..errors import LiverSegError
 from ..inference.guidance import slices_to_check
 from ..io.volumes import IMAGE_SUFFIXES, read_volume, split_image_suffix
@@ -26,7 +28,8 @@ from ..inference.overlay import overlay_mosaic
 
 FF_TAGS = ("_ff", "_pdff")
 NOT_SCANS = re.compile(r"label|mask|seg", re.IGNORECASE)
-COLUMNS = ["case", "status", "liver_volume_ml", "ff_median", "ff_mean", "steatosis", "model", "model_version",
+COLUMNS = ["case", "status", "quality", "quality_reasons", "liver_volume_ml", "ff_median", "ff_mean", "steatosis",
+           "model", "model_version",
            "uncertain_voxels", "slices_to_check", "seconds", "source", "ff_map", "input_sha256",
            "segmentation_sha256", "weights_sha256"]
 
@@ -86,6 +89,8 @@ def _run_case(case: dict, folder: Path, segmenter) -> dict:
         ff = readout["fat_fraction"] or {}
         row.update(
             status="done",
+            quality=readout["quality"]["status"],
+            quality_reasons="; ".join(readout["quality"]["reasons"]),
             liver_volume_ml=round(readout["volumes_ml"].get("liver", float("nan")), 2),
             ff_median=round(ff["median"], 2) if ff else "",
             ff_mean=round(ff["mean"], 2) if ff else "",
@@ -107,10 +112,15 @@ def _run_case(case: dict, folder: Path, segmenter) -> dict:
     return row
 
 
+def needs_attention(row: dict) -> bool:
+    """Flagged by the quality control, or failed."""
+    return row.get("quality") == NEEDS_REVIEW or str(row.get("status", "")).startswith("failed")
+
+
 def _write_table(path: Path, rows: list[dict]):
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(sorted(rows, key=lambda row: not needs_attention(row)))  # stable: study order within
     tmp.replace(path)

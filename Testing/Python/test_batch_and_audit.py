@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -52,13 +53,17 @@ def test_batch_completes_reports_corrupt_case_and_resumes(study, tmp_path):
     out = tmp_path / "out"
     r = liverseg("batch", study, "-o", out)
     assert r.returncode == 1  # some case failed
-    assert "3 case(s): 2 done, 1 failed" in r.stdout
-    rows = {row["case"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert re.search(r"3 case\(s\): 2 done \(\d need review\), 1 failed", r.stdout), r.stdout
+    table = list(csv.DictReader(open(out / "results.csv")))
+    attention = [row["status"].startswith("failed") or row["quality"] == "needs review" for row in table]
+    assert attention == sorted(attention, reverse=True)  # the cases needing attention come first
+    rows = {row["case"]: row for row in table}
     assert rows["site-b__corrupt"]["status"].startswith("failed: Not a readable image")
     p21 = rows["site-a__p21"]
     assert p21["status"] == "done" and float(p21["liver_volume_ml"]) > 500
     assert float(p21["ff_median"]) == pytest.approx(9.0) and p21["steatosis"] == "yes"
     assert p21["model"] == "liver-mr-t2" and p21["slices_to_check"]
+    assert p21["quality"] == "ok" and p21["quality_reasons"] == ""
     for case in ("site-a__p21", "site-b__visit__2__scan"):
         assert (out / case / "qa.png").stat().st_size > 1000
         assert (out / case / "segmentation.seg.nrrd").exists()

@@ -62,6 +62,7 @@ def test_remote_result_identical_to_local(server, segmenter, sample_case):
     np.testing.assert_array_equal(remote.labels, local.labels)
     assert remote.geometry.allclose(image.geometry, tol=1e-9)
     assert readout["volumes_ml"] == local_readout["volumes_ml"]
+    assert readout["quality"] == local_readout["quality"]  # the server's reply carries the QC too
     assert readout["fat_fraction"]["median"] == pytest.approx(4.0)
     from LiverSegmentationLogic.readouts.audit import verify_audit
 
