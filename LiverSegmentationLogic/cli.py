@@ -78,7 +78,7 @@ def _load_segmenter(args):
     from .inference.segmenter import Segmenter
     from .models.model_files import load_model
 
-    return Segmenter(load_model(args.model), device=args.device, batch_size=args.batch_size)
+    return Segmenter(load_model(args.model, study=args.model_study), device=args.device, batch_size=args.batch_size)
 
 
 def cmd_segment(args) -> int:
@@ -94,7 +94,7 @@ def cmd_segment(args) -> int:
     try:
         if args.server:
             with _client(args) as client:
-                result, readout = client.segment(channels, ff_map, **options)
+                result, readout = client.segment(channels, ff_map, study=args.model_study, **options)
             readout["audit"]["input"]["source"] = str(args.input[0])
         else:
             result, readout = segment_case(_load_segmenter(args), channels, ff_map, source=str(args.input[0]),
@@ -259,15 +259,17 @@ def cmd_finetune(args) -> int:
         tolerance=args.tolerance,
         seed=args.seed,
         device=args.device,
+        study=args.study,
     )
     return 0 if result.promoted else 3
 
 
 def cmd_models(args) -> int:
-    from .models.catalog import activate, active_models, find_model, list_models
+    from .models.catalog import activate, active_models, find_model, list_models, rollback, study_tag
 
+    where = f" for study {study_tag(args.study)}" if args.study else ""
     if args.action == "list":
-        active = {m.folder for m in active_models().values()}
+        active = {m.folder for m in active_models(args.study).values()}
         for e in list_models():
             flag = "*" if e.folder in active else " "
             dice = e.card.get("validation", {}).get("mean_dice", {})
@@ -275,12 +277,15 @@ def cmd_models(args) -> int:
             note = e.card.get("promotion", {})
             status = "" if not note else (" promoted" if note.get("promoted") else " NOT promoted")
             print(f"{flag} {e.ref:<36} {'bundled' if e.bundled else 'registry':<8}{status}  {scores}")
-        print("* = active")
+        print(f"* = active{where}")
     elif args.action == "activate":
-        entry = activate(args.model)
-        print(f"{entry.name}: {entry.ref} is now active")
+        entry = activate(args.model, study=args.study)
+        print(f"{entry.name}: {find_model(entry.name, args.study).ref} is now active{where}")
+    elif args.action == "rollback":
+        entry = rollback(args.model, study=args.study)
+        print(f"{entry.name}: back to {entry.ref}{where}")
     else:
-        entry = find_model(args.model)
+        entry = find_model(args.model, args.study)
         print(json.dumps({"ref": entry.ref, "folder": str(entry.folder), **entry.card}, indent=2))
     return 0
 
@@ -352,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model name (its active version), name@version, folder or model_card.json "
                             "(default: liver-mr-t2)")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+        p.add_argument("--study", dest="model_study", default=None,
+                       help="study / site tag: a model name resolves to the version active for that study")
         p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
         p.add_argument("--margin-mm", type=float, default=3.0, help="erosion from the liver border for PDFF")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -465,15 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.02, help="largest allowed Dice loss on the base validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="where to train: auto (CUDA if present), cpu, cuda")
+    p.add_argument("--study", default=None, help="fine-tune this study's model line on its queued cases only")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("models", help="the model registry: list, activate, info")
+    p = sub.add_parser("models", help="the model registry: list, activate, rollback, info (globally or per study)")
     msub = p.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="every model version; * marks the active one of each name")
-    m = msub.add_parser("activate", help="make name@version the active version of its name")
+    m = msub.add_parser("activate", help="make name@version the active version of its name (name@bundled-version "
+                        "clears the choice)")
     m.add_argument("model")
+    m = msub.add_parser("rollback", help="undo the last activation of a model name")
+    m.add_argument("model", help="model name")
     m = msub.add_parser("info", help="print a model's card")
     m.add_argument("model", help="name (active version) or name@version")
+    for action in msub.choices.values():
+        action.add_argument("--study", default=None, help="a study / site's model line instead of the global choice")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("evaluate", help="compare a segmentation with a reference")

@@ -72,12 +72,12 @@ class LocalProcessJob(Job):
         volume: the scan (written to a temporary NRRD for the child).
         ff_map: optional fat-fraction map.
         python: the interpreter to run (in Slicer: ``PythonSlicer``).
-        model, device, margin_mm, ff_unit: as for ``liverseg segment``.
+        model, device, margin_mm, ff_unit, study: as for ``liverseg segment``.
     """
 
     def __init__(self, volume: Volume, ff_map: Optional[Volume] = None, model: Optional[str] = None,
                  device: str = "auto", margin_mm: float = 3.0, ff_unit: str = "auto",
-                 python: Optional[str] = None, work_dir: Optional[str] = None):
+                 python: Optional[str] = None, work_dir: Optional[str] = None, study: Optional[str] = None):
         super().__init__()
         self._tmp = tempfile.TemporaryDirectory(prefix="liverseg-", dir=work_dir)
         folder = Path(self._tmp.name)
@@ -91,6 +91,8 @@ class LocalProcessJob(Job):
             command += ["--ff", str(folder / "ff.nrrd")]
         if model:
             command += ["--model", str(model)]
+        if study:
+            command += ["--study", str(study)]
         self._cancelled = False
         self._stderr: list[str] = []
         # the child must find this package whatever its interpreter's path (e.g. PythonSlicer)
@@ -201,19 +203,19 @@ class RemoteJob(Job):
     """
 
     def __init__(self, client, volume: Volume, ff_map: Optional[Volume] = None, margin_mm: float = 3.0,
-                 ff_unit: str = "auto"):
+                 ff_unit: str = "auto", study: Optional[str] = None):
         super().__init__()
         self._cancel = threading.Event()
         self._outcome = None
         self._thread = threading.Thread(
-            target=self._run, args=(client, volume, ff_map, margin_mm, ff_unit), daemon=True
+            target=self._run, args=(client, volume, ff_map, margin_mm, ff_unit, study), daemon=True
         )
         self._thread.start()
 
-    def _run(self, client, volume, ff_map, margin_mm, ff_unit):
+    def _run(self, client, volume, ff_map, margin_mm, ff_unit, study):
         try:
             result, readout = client.segment(
-                volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit,
+                volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit, study=study,
                 progress=lambda d, t, s: self.events.put(("progress", d, t, s)), cancel=self._cancel,
             )
             self.classes = result.classes  # the server's model may not exist on this machine

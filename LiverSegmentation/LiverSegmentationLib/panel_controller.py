@@ -167,15 +167,17 @@ class _Run:
 
 
 def default_job_starter(backend: str, volume, ff_map, model: str, device: str, margin_mm: float, ff_unit: str,
-                        server_address: str, python: Optional[str] = None):
-    """A local process (``liverseg segment`` in PythonSlicer) or a remote thread job."""
+                        server_address: str, study: Optional[str] = None, python: Optional[str] = None):
+    """A local process (``liverseg segment`` in PythonSlicer) or a remote thread job; ``study``
+    picks the model version active for that study."""
     if backend == "Remote":
         from LiverSegmentationLogic.remote.client import InferenceClient
 
-        return RemoteJob(InferenceClient(server_address), volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit)
+        return RemoteJob(InferenceClient(server_address), volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit,
+                         study=study)
     python = python or shutil.which("PythonSlicer") or sys.executable
     return LocalProcessJob(volume, ff_map, model=model or None, device=device, margin_mm=margin_mm,
-                           ff_unit=ff_unit, python=python)
+                           ff_unit=ff_unit, python=python, study=study)
 
 
 class PanelController:
@@ -183,7 +185,7 @@ class PanelController:
 
     Args:
         settings: a :class:`PanelSettings`.
-        start_job: ``(backend, volume, ff_map, model, device, margin_mm, ff_unit, server_address) -> job``;
+        start_job: ``(backend, volume, ff_map, model, device, margin_mm, ff_unit, server_address, study) -> job``;
             default :func:`default_job_starter`.
         clock: seconds, monotonic (tests pass a fake one).
         readout_delay_s: quiet time after the last edit before the readout is recomputed.
@@ -237,7 +239,7 @@ class PanelController:
         )
         try:
             self.job = self._start_job(s["backend"], volume, ff_map, s["model"], s["device"], s["marginMm"],
-                                       s["ffUnit"], s["serverAddress"])
+                                       s["ffUnit"], s["serverAddress"], s["study"].strip() or None)
         except Exception:
             self._run = None
             raise

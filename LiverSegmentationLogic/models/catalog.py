@@ -6,10 +6,13 @@ Two places hold models, each a folder with ``model_card.json`` + ``model.pt``:
 
 - the **bundled** models shipped in ``Resources/Models/<name>`` (read-only);
 - the **registry** of models trained or fine-tuned here: ``<home>/models/<name>/<version>``, with
-  ``<home>/models/active.json`` naming the active version of each model name (task).
+  ``<home>/models/active.json`` naming the active version of each model name (task), globally and
+  per study (a study's fine-tuned line, ``<base>+<study>-ft<n>``, serves that study only), with
+  the history that :func:`rollback` undoes.
 
-A model is referred to as ``name`` (the active version of that task, else the bundled one),
-``name@version``, or a folder / card path. ``<home>`` is ``LIVERSEG_HOME`` or ``~/.liverseg``.
+A model is referred to as ``name`` (the active version of that task, for a study if one is given,
+else the bundled one), ``name@version``, or a folder / card path. ``<home>`` is ``LIVERSEG_HOME``
+or ``~/.liverseg``.
 """
 
 from __future__ import annotations
@@ -80,18 +83,52 @@ def _active_file() -> Path:
     return registry_dir() / ACTIVE_NAME
 
 
-def active_versions() -> dict[str, str]:
-    """Model name -> active registered version (bundled models are active where none is set)."""
+def study_tag(study: Optional[str]) -> Optional[str]:
+    """A study (or site) name as it appears in versions and the registry: letters, digits and '-'
+    (``"TRIAL 7/site-3"`` -> ``"TRIAL-7-site-3"``); None for no study."""
+    if study is None or not str(study).strip():
+        return None
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", str(study)).strip("-")[:64]
+    if not tag:
+        raise ValueError(f"study {study!r} holds no letter or digit")
+    return tag
+
+
+def _read_active() -> dict:
+    """``{"global": {name: version}, "studies": {tag: {name: version}}, "history": {key: {name: [...]}}}``
+    (an older flat ``{name: version}`` file reads as the global choice)."""
     try:
-        return json.loads(_active_file().read_text())
+        raw = json.loads(_active_file().read_text())
     except (OSError, json.JSONDecodeError):
-        return {}
+        raw = {}
+    if not isinstance(raw, dict):
+        raw = {}
+    if not ({"global", "studies", "history"} & set(raw)):
+        raw = {"global": raw}
+    return {"global": dict(raw.get("global") or {}), "studies": dict(raw.get("studies") or {}),
+            "history": dict(raw.get("history") or {})}
 
 
-def active_models() -> dict[str, ModelEntry]:
-    """Model name -> its active version: the registered one set active, else the bundled one
-    (every card read once, for listings of many names)."""
-    chosen = active_versions()
+def _write_active(state: dict) -> None:
+    path = _active_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # atomic: readers see the old or the new choice, never half
+
+
+def active_versions(study: Optional[str] = None) -> dict[str, str]:
+    """Model name -> active registered version for ``study`` (its own choices over the global
+    ones); names with no registered choice use their bundled model."""
+    state = _read_active()
+    tag = study_tag(study)
+    return {**state["global"], **(state["studies"].get(tag, {}) if tag else {})}
+
+
+def active_models(study: Optional[str] = None) -> dict[str, ModelEntry]:
+    """Model name -> its active version for ``study`` (or globally): the registered one set
+    active, else the bundled one (every card read once, for listings of many names)."""
+    chosen = active_versions(study)
     active = {}
     for e in list_models():
         if (e.bundled and e.name not in active) or (not e.bundled and chosen.get(e.name) == e.version):
@@ -99,33 +136,64 @@ def active_models() -> dict[str, ModelEntry]:
     return active
 
 
-def active_model(name: str) -> Optional[ModelEntry]:
+def active_model(name: str, study: Optional[str] = None) -> Optional[ModelEntry]:
     """The active version of a model name (see :func:`active_models`), None if it has none."""
-    return active_models().get(name)
+    return active_models(study).get(name)
 
 
-def activate(ref: str) -> ModelEntry:
-    """Make ``name@version`` (or a bundled ``name``, which clears the registry choice) active.
+def activate(ref: str, study: Optional[str] = None) -> ModelEntry:
+    """Make ``name@version`` active, for one study or (without one) globally. A bundled
+    ``name`` clears the choice: the study falls back to the global one, the global one to the
+    bundled model. Every change is recorded, so :func:`rollback` can undo it.
 
     Raises:
         ModelNotFoundError: no such model version.
     """
     entry = find_model(ref)
-    active = active_versions()
+    state = _read_active()
+    tag = study_tag(study)
+    chosen = state["studies"].setdefault(tag, {}) if tag else state["global"]
+    history = state["history"].setdefault(tag or "", {}).setdefault(entry.name, [])
+    history.append(chosen.get(entry.name))  # what was active before this change
     if entry.bundled:
-        active.pop(entry.name, None)
+        chosen.pop(entry.name, None)
     else:
-        active[entry.name] = entry.version
-    path = _active_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(active, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old or the new choice, never half
+        chosen[entry.name] = entry.version
+    if tag and not chosen:
+        state["studies"].pop(tag)
+    _write_active(state)
     return entry
 
 
-def find_model(ref: str) -> ModelEntry:
-    """``name`` (active version) or ``name@version`` -> registry entry.
+def rollback(name: str, study: Optional[str] = None) -> ModelEntry:
+    """Undo the last :func:`activate` of ``name`` (for that study, or globally); returns what is
+    active now.
+
+    Raises:
+        ModelNotFoundError: nothing to roll back.
+    """
+    from ..errors import ModelNotFoundError
+
+    state = _read_active()
+    tag = study_tag(study)
+    history = state["history"].get(tag or "", {}).get(name) or []
+    if not history:
+        where = f"study {tag}" if tag else "the global choice"
+        raise ModelNotFoundError(f"Nothing to roll back for {name} in {where}")
+    previous = history.pop()
+    chosen = state["studies"].setdefault(tag, {}) if tag else state["global"]
+    if previous is None:
+        chosen.pop(name, None)
+    else:
+        chosen[name] = previous
+    if tag and not chosen:
+        state["studies"].pop(tag)
+    _write_active(state)
+    return active_model(name, study)
+
+
+def find_model(ref: str, study: Optional[str] = None) -> ModelEntry:
+    """``name`` (the active version, for ``study`` if given) or ``name@version`` -> registry entry.
 
     Raises:
         ModelNotFoundError: unknown name or version.
@@ -134,7 +202,7 @@ def find_model(ref: str) -> ModelEntry:
 
     name, _, version = str(ref).partition("@")
     if not version:
-        entry = active_model(name)
+        entry = active_model(name, study)
         if entry is None:
             raise ModelNotFoundError(f"No model named {name!r}. Known models: {', '.join(model_names()) or 'none'}")
         return entry
@@ -154,20 +222,23 @@ def model_names() -> list[str]:
     return sorted(names, key=lambda n: n != DEFAULT_MODEL)
 
 
-def new_version_folder(name: str, base_version: str, tag: str) -> tuple[str, Path]:
-    """A fresh registry folder ``<name>/<base_version>-<tag><n>`` (n counts up from 1)."""
+def new_version_folder(name: str, base_version: str, tag: str, study: Optional[str] = None) -> tuple[str, Path]:
+    """A fresh registry folder ``<name>/<base_version>-<tag><n>``, or for a study's model line
+    ``<name>/<base_version>+<study>-<tag><n>`` (n counts up from 1)."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ValueError(f"model name {name!r} may only hold letters, digits, '.', '_' and '-'")
+    study = study_tag(study)
+    stem = f"{base_version}+{study}-{tag}" if study else f"{base_version}-{tag}"
     n = 1
-    while (registry_dir() / name / f"{base_version}-{tag}{n}").exists():
+    while (registry_dir() / name / f"{stem}{n}").exists():
         n += 1
-    version = f"{base_version}-{tag}{n}"
+    version = f"{stem}{n}"
     return version, registry_dir() / name / version
 
 
-def resolve_model_folder(model: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """A model reference -> its folder: ``None`` (the active default model), ``name``,
-    ``name@version``, a model folder or a card path.
+def resolve_model_folder(model: Optional[Union[str, os.PathLike]] = None, study: Optional[str] = None) -> Path:
+    """A model reference -> its folder: ``None`` (the active default model), ``name`` (its active
+    version, for ``study`` if given), ``name@version``, a model folder or a card path.
 
     Raises:
         ModelNotFoundError: nothing with a model card at that name or path.
@@ -181,7 +252,7 @@ def resolve_model_folder(model: Optional[Union[str, os.PathLike]] = None) -> Pat
     if (path / CARD_NAME).is_file() and (path.is_absolute() or os.sep in str(model) or "/" in str(model)):
         return path
     try:
-        return find_model(str(model)).folder
+        return find_model(str(model), study).folder
     except ModelNotFoundError:
         if (path / CARD_NAME).is_file():  # a bare relative folder name in the working directory
             return path

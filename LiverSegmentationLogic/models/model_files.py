@@ -59,9 +59,11 @@ class LoadedModel:
 
 
 def load_model(
-    model: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu"
+    model: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
+    study: Optional[str] = None,
 ) -> LoadedModel:
     """Load a model folder: read the card, check the weights' sha256, build the network.
+    A model name resolves to its active version for ``study`` (see :mod:`catalog`).
 
     The weights are read with ``torch.load(weights_only=True)``: tensors only, no code.
 
@@ -69,7 +71,7 @@ def load_model(
         ModelNotFoundError: no card or no weights file.
         ModelLoadError: unreadable card, checksum mismatch, or weights that do not fit the network.
     """
-    folder = resolve_model_folder(model)
+    folder = resolve_model_folder(model, study)
     try:
         card = json.loads((folder / CARD_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:

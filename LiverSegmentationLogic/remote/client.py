@@ -216,12 +216,14 @@ class InferenceClient:
         progress: Optional[ProgressCallback] = None,
         cancel=None,
         label_compression: str = "zlib",
+        study: Optional[str] = None,
     ) -> tuple[SegmentationResult, dict]:
         """Remote :func:`inference.pipeline.segment_case`: same result, same progress callback.
 
         ``volume`` is the scan, or one scan per input channel of a multi-channel model.
         ``label_compression`` is how the server sends the labelmap back (zlib shrinks a labelmap
-        about 50-fold for a few milliseconds; see benchmarks/bench_remote.py)."""
+        about 50-fold for a few milliseconds; see benchmarks/bench_remote.py). ``study``: the server
+        segments with that study's active model version."""
         self._negotiate()
         volumes = [volume] if isinstance(volume, Volume) else list(volume)
         arrays = [encode_array(channel_array_name(i), _sendable(v.array), v.geometry, self.compression)
@@ -237,7 +239,8 @@ class InferenceClient:
         header, buffers = self.request(
             "segment",
             arrays,
-            {"margin_mm": margin_mm, "ff_unit": ff_unit, "label_compression": label_compression},
+            {"margin_mm": margin_mm, "ff_unit": ff_unit, "label_compression": label_compression,
+             **({"study": study} if study else {})},
             progress=on_event,
             cancel=cancel,
         )

@@ -235,7 +235,7 @@ def check_request(header: dict, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> N
 
 
 def segment_options(options: dict) -> dict:
-    """The options of a segment request, checked: margin_mm, ff_unit, label_compression."""
+    """The options of a segment request, checked: margin_mm, ff_unit, label_compression, study."""
     margin = options.get("margin_mm", 3.0)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= MAX_MARGIN_MM:
         raise ProtocolError(f"options.margin_mm must be a number from 0 to {MAX_MARGIN_MM:g}, got {margin!r:.40}")
@@ -245,7 +245,10 @@ def segment_options(options: dict) -> dict:
     compression = options.get("label_compression", "zlib")
     if not isinstance(compression, str) or compression not in COMPRESSIONS:
         raise ProtocolError(f"options.label_compression must be one of {list(COMPRESSIONS)}, got {compression!r:.40}")
-    return {"margin_mm": float(margin), "ff_unit": ff_unit, "label_compression": compression}
+    study = options.get("study")
+    if study is not None and not (isinstance(study, str) and 0 < len(study) <= MAX_NAME_CHARS):
+        raise ProtocolError(f"options.study must be a string of 1-{MAX_NAME_CHARS} characters")
+    return {"margin_mm": float(margin), "ff_unit": ff_unit, "label_compression": compression, "study": study}
 
 
 def submit_options(options: dict) -> dict:

@@ -153,12 +153,10 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
     """
     import torch
 
-    from ..inference.segmenter import Segmenter
-    from ..models.model_files import load_model
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when workers stop
-    loaded = load_model(model)
-    segmenter = Segmenter(loaded, device=device)
+    models = _WorkerModels(model, device)
+    segmenter = models.default
+    loaded = segmenter.model
     if segmenter.device.type == "cpu":
         torch.set_num_threads(max(1, threads))  # share the cores between the workers
     info = {
@@ -186,7 +184,7 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
             if frames[0] == STOP:
                 break
             if frames[0] == JOB and len(frames) >= 3:
-                if _serve_one(link, frames[1], frames[2:], segmenter, max_bytes):
+                if _serve_one(link, frames[1], frames[2:], models, max_bytes):
                     break
             # anything else (a late CANCEL for a job already answered) needs nothing
     finally:
@@ -195,7 +193,38 @@ def worker_main(backend: str, model: Optional[str], device: str, name: str, thre
         ctx.term()
 
 
-def _serve_one(link: _WorkerLink, token: bytes, frames, segmenter, max_bytes: int) -> bool:
+class _WorkerModels:
+    """The worker's model, and the versions active for the studies its requests name (a few kept
+    loaded: a study's fine-tuned line serves that study only)."""
+
+    KEEP = 3
+
+    def __init__(self, model: Optional[str], device: str):
+        from ..inference.segmenter import Segmenter
+        from ..models.catalog import resolve_model_folder
+        from ..models.model_files import load_model
+
+        self.model, self.device = model, device
+        self._make = lambda folder: Segmenter(load_model(folder), device=device)
+        self._resolve = resolve_model_folder
+        self.default_folder = resolve_model_folder(model)
+        self.default = self._make(self.default_folder)
+        self._loaded: dict = {}
+
+    def for_study(self, study: Optional[str]):
+        if not study:
+            return self.default
+        folder = self._resolve(self.model, study)
+        if folder == self.default_folder:
+            return self.default
+        if folder not in self._loaded:
+            if len(self._loaded) >= self.KEEP:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[folder] = self._make(folder)
+        return self._loaded[folder]
+
+
+def _serve_one(link: _WorkerLink, token: bytes, frames, models: _WorkerModels, max_bytes: int) -> bool:
     """Run one job and send exactly one final reply; True when the broker asked to stop meanwhile."""
     from ..inference.pipeline import segment_case
 
@@ -226,8 +255,8 @@ def _serve_one(link: _WorkerLink, token: bytes, frames, segmenter, max_bytes: in
             raise ProtocolError("a segment request needs an array named 'image'")
         ff_map = volume_from(header, buffers, "ff_map", max_bytes)
         result, readout = segment_case(
-            segmenter, channels, ff_map, margin_mm=options["margin_mm"], ff_unit=options["ff_unit"],
-            progress=progress, cancel=lambda: cancelled,
+            models.for_study(options["study"]), channels, ff_map, margin_mm=options["margin_mm"],
+            ff_unit=options["ff_unit"], progress=progress, cancel=lambda: cancelled,
         )
         desc, buf = encode_array("labels", result.labels, result.geometry, options["label_compression"])
         readout["timings"]["server_total"] = time.perf_counter() - t0

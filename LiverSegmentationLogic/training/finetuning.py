@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..studies.case_queue import CaseQueue
-from ..models.catalog import activate, new_version_folder
+from ..models.catalog import activate, new_version_folder, study_tag
 from ..io.datasets import CaseFiles, find_cases, select_cases
 from ..errors import LiverSegError
 from ..inference.segmenter import resolve_device
@@ -89,6 +89,7 @@ def finetune(
     tolerance: float = 0.02,
     seed: int = 0,
     device: str = "auto",
+    study: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the cases of ``queue`` and promote the result if it validates.
@@ -102,17 +103,21 @@ def finetune(
         replay_cases: replay cases mixed in (default: as many as queued cases, at least 2).
         tolerance: largest allowed loss of Dice on any class of the base validation set.
         device: where the network trains (``"auto"``: CUDA if present).
+        study: fine-tune that study's model line: start from the study's active version, train on
+            the queued cases of that study only, write ``<base>+<study>-ft<n>`` and activate it for
+            that study only (other studies and the global choice keep theirs).
     """
     resolve_device(device)  # an unusable device fails now, not after the cases are read
-    model = load_model(base)
+    model = load_model(base, study=study)
     card = model.card
     if card.get("cascade"):
         raise FinetuneError(f"{model.name_version} is a cascade; fine-tune its stages as separate models")
     queued = CaseQueue(queue)
-    queued_paths = [(m["case_id"], queued.paths(m["case_id"])) for m in queued.list()]
+    queued_paths = [(m["case_id"], queued.paths(m["case_id"])) for m in queued.list()
+                    if study is None or study_tag(m.get("study")) == study_tag(study)]
     queued_cases = [CaseFiles(f"queue/{case_id}", (paths["image"],), paths["label"]) for case_id, paths in queued_paths]
     if not queued_cases:
-        raise FinetuneError(f"The queue {queue} holds no cases")
+        raise FinetuneError(f"The queue {queue} holds no cases" + (f" of study {study_tag(study)}" if study else ""))
     if model.preprocess.channels != 1:
         raise FinetuneError("The queue holds single-image cases; this model takes several channels")
     t0 = time.perf_counter()
@@ -142,7 +147,8 @@ def finetune(
     losses = train_network(network, cases, model.preprocess, train, log=log)
     train_s = time.perf_counter() - t0
 
-    version, folder = new_version_folder(card["name"], str(card["version"]).split("-")[0], "ft")
+    base_version = str(card["version"]).split("+")[0].split("-")[0]  # the bundled/trained version it descends from
+    version, folder = new_version_folder(card["name"], base_version, "ft", study=study)
     new_card = dict(card, version=version)
     save_model(folder, network, new_card)
     candidate = load_model(folder)
@@ -171,6 +177,7 @@ def finetune(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         finetuning={
             "base": model.name_version,
+            "study": study_tag(study),
             "base_sha256": card["sha256"],
             "queue": str(Path(queue).resolve()),
             "replay_cases": [c.case_id for c in replayed],
@@ -183,7 +190,7 @@ def finetune(
     )
     save_model(folder, network, new_card)
     if promoted:
-        activate(f"{card['name']}@{version}")
+        activate(f"{card['name']}@{version}", study=study)
     log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason}")
     return FinetuneResult(load_model(folder), promoted, reason, report)
 

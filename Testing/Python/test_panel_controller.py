@@ -151,7 +151,7 @@ def test_cancel_through_a_launcher_ends_both_processes_without_blocking(clean_sc
     pids = tmp_path / "pids"
     monkeypatch.setenv("LIVERSEG_TEST_PIDS", str(pids))
 
-    def start_job(backend, volume, ff_map, model, device, margin_mm, ff_unit, server):
+    def start_job(backend, volume, ff_map, model, device, margin_mm, ff_unit, server, study):
         return LocalProcessJob(volume, ff_map, model=model, device=device, python=str(launcher))
 
     a = bridge.add_volume_node(sample_case[0], "A")
