@@ -6,7 +6,7 @@ ones before it (``Testing/Python/test_layers.py`` enforces it)::
 
     io -> models -> readouts -> inference -> studies -> training -> remote -> cli
 
-``errors`` (the typed exceptions) sits below them all.
+``errors`` (the typed exceptions) and ``processes`` (child processes) sit below them all.
 """
 
 __version__ = "0.1.0"

@@ -148,6 +148,10 @@ def cmd_serve(args) -> int:
         client_timeout_s=args.client_timeout,
         worker_timeout_s=args.worker_timeout,
         queue_dir=args.queue,
+        curve_trainers_dir=args.curve_trainers,
+        replay_dir=args.replay,
+        auto_finetune_every=args.auto_finetune,
+        finetune_budget_s=args.finetune_budget,
         max_queued=args.max_queued,
         max_queued_per_client=args.max_queued_per_client,
         max_queued_bytes=int(args.max_queued_mb * 2**20) if args.max_queued_mb else None,
@@ -393,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "from other machines (needs --curve-secret)")
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds without a worker heartbeat before it is declared dead")
+    p.add_argument("--curve-trainers", help="public certificates of the clients allowed to start fine-tuning and "
+                   "change the active model (needs --curve-secret); without it nobody may")
+    p.add_argument("--replay", help="the base model's training data, for fine-tuning's replay and validation gate")
+    p.add_argument("--auto-finetune", type=int, default=0, metavar="K",
+                   help="fine-tune a study's model line after every K queued cases of it (default 0: off)")
+    p.add_argument("--finetune-budget", type=float, default=300.0, help="seconds of training per automatic fine-tune")
     p.add_argument("--max-queued", type=int, default=32, help="requests waiting for a worker, all clients")
     p.add_argument("--max-queued-per-client", type=int, default=4, help="requests waiting, per client")
     p.add_argument("--max-queued-mb", type=float, default=None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import SimpleITK as sitk
 import LiverSegmentationLogic
 from LiverSegmentationLogic.errors import CancelledError, LiverSegError
 from LiverSegmentationLogic.io.volumes import Volume, read_volume
+from LiverSegmentationLogic.processes import background_process_options, kill_process_tree
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
@@ -100,7 +100,7 @@ class LocalProcessJob(Job):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                        **_background_process_options())
+                                        **background_process_options())
         self._exited_at: Optional[float] = None
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
@@ -155,44 +155,6 @@ class LocalProcessJob(Job):
 
 
 READER_GRACE_S = 2.0
-
-
-def _background_process_options() -> dict:
-    """Popen options: no console window on Windows; elsewhere a process group of its own."""
-    if os.name == "nt":
-        # bit flags, not a type union (vermin reads "A | B" as one)
-        flags = subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP  # novermin
-        return {"creationflags": flags}
-    return {"start_new_session": True}
-
-
-def kill_process_tree(process: subprocess.Popen) -> None:
-    """Kill a process and everything it started, without waiting: a launcher (PythonSlicer) starts
-    the real interpreter, which must not survive it and keep the pipes open."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            parent = psutil.Process(process.pid)
-            family = parent.children(recursive=True) + [parent]
-        except psutil.NoSuchProcess:
-            family = []
-        for member in family:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
-        return
-    if os.name == "nt":  # taskkill ends the whole tree (/T), forcefully (/F)
-        subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW)
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # the session's process group
-    except (ProcessLookupError, PermissionError):
-        process.kill()
 
 
 class RemoteJob(Job):

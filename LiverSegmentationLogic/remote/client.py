@@ -270,6 +270,37 @@ class InferenceClient:
         return header["record"]
 
 
+    # ------------------------------------------------------------------ models and fine-tuning
+    def _model_op(self, op: str, **options) -> dict:
+        self._negotiate()
+        header, _ = self.request(op, options={k: v for k, v in options.items() if v is not None})
+        return header
+
+    def models(self, model: Optional[str] = None, study: Optional[str] = None) -> list:
+        """The server's versions of a model (default: its own), with the one active for ``study``."""
+        return self._model_op("models", model=model, study=study)["models"]
+
+    def train(self, model: Optional[str] = None, study: Optional[str] = None, time_budget_s: float = 300.0) -> dict:
+        """Start fine-tuning ``model`` (the study's line) on the server's queue; trainers only.
+        Returns its status (``train_status`` follows it)."""
+        return self._model_op("train", model=model, study=study, time_budget_s=time_budget_s)["train"]
+
+    def train_status(self) -> dict:
+        """State, epoch, loss, outcome and log tail of the current or last fine-tuning."""
+        return self._model_op("train_status")["train"]
+
+    def train_cancel(self) -> dict:
+        return self._model_op("train_cancel")["train"]
+
+    def activate(self, ref: str, study: Optional[str] = None) -> str:
+        """Make ``name@version`` active on the server (for ``study``); trainers only."""
+        return self._model_op("activate", model=ref, study=study)["active"]
+
+    def rollback(self, model: str, study: Optional[str] = None) -> str:
+        """Undo the last activation of ``model`` on the server (for ``study``); trainers only."""
+        return self._model_op("rollback", model=model, study=study)["active"]
+
+
 def _sendable(array: np.ndarray) -> np.ndarray:
     """Send images as float32 or their own integer type: the model reads float32 anyway
     (see preprocessing.normalise_intensity), so float64 would only double the bytes."""

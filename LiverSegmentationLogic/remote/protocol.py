@@ -36,7 +36,11 @@ SUPPORTED_PROTOCOLS = (1,)
 ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 COMPRESSIONS = ("none", "zlib")
 FF_UNITS = ("auto", "percent", "fraction")
-OPS = ("info", "segment", "cancel", "heartbeat", "submit")
+OPS = ("info", "segment", "cancel", "heartbeat", "submit",
+       "models", "train", "train_status", "train_cancel", "activate", "rollback")
+#: ops that change what the server's models are: only trainers (a separate key folder) may send them
+TRAINER_OPS = ("train", "train_cancel", "activate", "rollback")
+MAX_TRAIN_BUDGET_S = 4 * 3600
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB
 # limits checked before anything is allocated
 MAX_HEADER_BYTES = 1 << 20
@@ -268,6 +272,23 @@ def submit_options(options: dict) -> dict:
     if on_duplicate not in ("replace", "version"):
         raise ProtocolError(f"options.on_duplicate must be 'replace' or 'version', got {on_duplicate!r:.40}")
     return {"meta": meta, "labels": labels, "on_duplicate": on_duplicate}
+
+
+def _optional_name(options: dict, key: str) -> Optional[str]:
+    value = options.get(key)
+    if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS):
+        raise ProtocolError(f"options.{key} must be a string of 1-{MAX_NAME_CHARS} characters")
+    return value
+
+
+def model_options(options: dict) -> dict:
+    """The options of the model ops (models, train, activate, rollback), checked: ``model`` (a name,
+    or name@version for activate), ``study``, ``time_budget_s`` (train)."""
+    budget = options.get("time_budget_s", 300.0)
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 10 <= budget <= MAX_TRAIN_BUDGET_S:
+        raise ProtocolError(f"options.time_budget_s must be a number of seconds from 10 to {MAX_TRAIN_BUDGET_S}")
+    return {"model": _optional_name(options, "model"), "study": _optional_name(options, "study"),
+            "time_budget_s": float(budget)}
 
 
 def volume_from(header: dict, buffers: list, name: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Optional[Volume]:

@@ -17,6 +17,8 @@ Every message on either port is checked before use (sizes, JSON depth, shapes, g
 types; see :mod:`protocol`); a handler that fails answers (or drops) that one message and the
 server goes on. Admission control bounds the waiting requests in count and bytes, in all and per
 client; corrected cases are written into the queue by a thread of their own, off the event loop.
+Model versions can be listed by anyone; fine-tuning (in a process of its own) and activation are
+for trainers only (clients whose CurveZMQ key is in the trainers folder).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from .protocol import (
     channel_volumes_from,
     check_request,
     encode_array,
+    TRAINER_OPS,
     loads_header,
+    model_options,
     pack,
     request_id_of,
     segment_options,
@@ -67,6 +71,7 @@ CANCEL = b"CANCEL"  # broker -> worker: [CANCEL, token]
 STOP = b"STOP"  # broker -> worker: [STOP]
 
 FINAL_STATUSES = ("ok", "error", "cancelled")
+MODEL_OPS = ("models", "train", "train_status", "train_cancel", "activate", "rollback")
 HEARTBEAT_S = 1.0  # queued requests get an event this often, so clients know the server lives
 WORKER_HEARTBEAT_S = 1.0  # how often a worker says it lives
 SEND_TIMEOUT_MS = 10_000  # a worker's send waits this long for a broker that is gone
@@ -212,8 +217,8 @@ class _WorkerModels:
         self._loaded: dict = {}
 
     def for_study(self, study: Optional[str]):
-        if not study:
-            return self.default
+        """The version active now for ``study`` (or globally): an activation on the server applies
+        from the next request on."""
         folder = self._resolve(self.model, study)
         if folder == self.default_folder:
             return self.default
@@ -338,6 +343,12 @@ class InferenceServer:
             killed or lost its network) is dropped from the queue or cancelled on its worker.
         worker_timeout_s: a worker silent (no heartbeat) for this long is declared dead.
         queue_dir: the fine-tuning queue that ``submit`` requests write into (none: refused).
+        curve_trainers_dir: public certificates of the clients allowed to start fine-tuning and to
+            change the active model (needs ``curve_secret_file``); nobody may without it.
+        replay_dir: the base model's training data (replay cases and the validation gate); without
+            it a fine-tuned version is never activated.
+        auto_finetune_every: fine-tune a study's line after every k queued cases of it (0: off).
+        finetune_budget_s: training time of an automatic fine-tune.
         max_queued, max_queued_per_client: waiting requests (segment and submit), in all and per client.
         max_queued_bytes, max_queued_bytes_per_client: their bytes (default: 4 and 2 messages' worth).
     """
@@ -356,6 +367,10 @@ class InferenceServer:
         client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
         worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S,
         queue_dir: Optional[str] = None,
+        curve_trainers_dir: Optional[str] = None,
+        replay_dir: Optional[str] = None,
+        auto_finetune_every: int = 0,
+        finetune_budget_s: float = 300.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT,
         max_queued_bytes: Optional[int] = None,
@@ -371,6 +386,15 @@ class InferenceServer:
         self.model, self.device, self.n_workers = model, device, workers
         self.client_timeout_s, self.worker_timeout_s = client_timeout_s, worker_timeout_s
         self.queue_dir = queue_dir
+        self.replay_dir = replay_dir
+        self.auto_finetune_every, self.finetune_budget_s = auto_finetune_every, finetune_budget_s
+        self.finetune = None  # the current or last FinetuneRun
+        self._new_cases: dict = {}  # study -> cases queued since its last automatic fine-tune
+        if curve_trainers_dir and not curve_secret_file:
+            raise ValueError("trainers (--curve-trainers) are told apart by their CurveZMQ keys: --curve-secret needed")
+        self.trainer_keys = set()
+        if curve_trainers_dir:
+            self.trainer_keys = _public_keys(curve_trainers_dir, "trainers (--curve-trainers)")
         self.max_bytes = max_message_bytes
         self.limits = {
             "max_queued": max_queued,
@@ -525,8 +549,8 @@ class InferenceServer:
             "server_version": __version__,
             "protocol": PROTOCOL_VERSION,
             "protocols": list(SUPPORTED_PROTOCOLS),
-            "capabilities": ["segment", "progress", "cancel", "heartbeat", "zlib"]
-            + (["submit"] if self.queue_dir else []),
+            "capabilities": ["segment", "progress", "cancel", "heartbeat", "zlib", "models", "study"]
+            + (["submit", "train"] if self.queue_dir else []),
             "client_timeout_s": self.client_timeout_s,
             "worker_timeout_s": self.worker_timeout_s,
             "workers": len(ready),
@@ -581,6 +605,8 @@ class InferenceServer:
             job = self._find_job(client, header["target"])
             if job is not None:
                 job.last_seen = time.monotonic()
+        elif op in MODEL_OPS:
+            self._model_op(client, identity, header)
         elif op == "submit" and not self.queue_dir:
             self._reply(client, error_header(request_id, "ProtocolError",
                                              "this server has no fine-tuning queue (start it with --queue DIR)"))
@@ -655,6 +681,75 @@ class InferenceServer:
         token, client, *reply = self.submit_results.recv_multipart()
         self.submitting.pop(token, None)
         self._send_client([client, *reply])
+        header = json.loads(reply[0])
+        if header.get("status") == "ok" and self.auto_finetune_every:
+            self._count_for_auto_finetune(header["record"].get("study"))
+
+    # ---------------------------------------------------------------- models and fine-tuning
+    def _is_trainer(self, identity) -> bool:
+        return self.client_curve and self._owner(identity) in self.trainer_keys
+
+    def _model_op(self, client: bytes, identity, header: dict):
+        """models (anyone), and for trainers only: train, train_cancel, activate, rollback."""
+        from ..models import catalog
+
+        op, request_id = header["op"], header["id"]
+        try:
+            options = model_options(header.get("options") or {})
+            if op in TRAINER_OPS and not self._is_trainer(identity):
+                raise PermissionError("only trainers may start training or change the active model: connect with "
+                                      "CurveZMQ using a key in the server's --curve-trainers folder")
+            name = options["model"] or self.model or catalog.DEFAULT_MODEL
+            if op == "models":
+                active = catalog.active_models(options["study"]).get(name.partition("@")[0])
+                answer = {"models": [{"ref": e.ref, "bundled": e.bundled, "active": e == active,
+                                      "promotion": e.card.get("promotion", {}).get("reason")}
+                                     for e in catalog.list_models() if e.name == name.partition("@")[0]]}
+            elif op == "activate":
+                entry = catalog.activate(name, study=options["study"])
+                answer = {"active": catalog.find_model(entry.name, options["study"]).ref}
+            elif op == "rollback":
+                answer = {"active": catalog.rollback(name, study=options["study"]).ref}
+            elif op == "train":
+                answer = {"train": self._start_finetune(name, options["study"], options["time_budget_s"]).status()}
+            elif self.finetune is None:
+                raise LookupError("no fine-tuning has run on this server yet")
+            else:
+                if op == "train_cancel":
+                    self.finetune.cancel()
+                answer = {"train": self.finetune.status()}
+            self._reply(client, {"protocol": PROTOCOL_VERSION, "id": request_id, "status": "ok", **answer})
+        except PermissionError as exc:
+            self._reply(client, error_header(request_id, "NotAllowed", str(exc)))
+        except (LiverSegError, LookupError, ValueError) as exc:
+            self._reply(client, error_header(request_id, type(exc).__name__, str(exc)))
+
+    def _start_finetune(self, model: str, study: Optional[str], time_budget_s: float):
+        from .finetune_runs import RUNNING, FinetuneRun
+
+        if not self.queue_dir:
+            raise LookupError("this server has no fine-tuning queue (start it with --queue DIR)")
+        if self.finetune is not None and self.finetune.state == RUNNING:
+            raise LookupError(f"a fine-tuning is already running ({self.finetune.id}); wait for it or cancel it")
+        self.finetune = FinetuneRun(model, self.queue_dir, study, self.replay_dir, time_budget_s, self.device)
+        log.info("fine-tuning %s started (%s, study %s)", self.finetune.id, model, study)
+        return self.finetune
+
+    def _count_for_auto_finetune(self, study: Optional[str]):
+        """Auto mode: fine-tune a study's line after every k new cases of it (when nothing runs)."""
+        from .finetune_runs import RUNNING
+
+        key = study or ""
+        self._new_cases[key] = self._new_cases.get(key, 0) + 1
+        if self._new_cases[key] >= self.auto_finetune_every and not (
+                self.finetune is not None and self.finetune.state == RUNNING):
+            from ..models.catalog import DEFAULT_MODEL
+
+            self._new_cases[key] = 0
+            try:
+                self._start_finetune(self.model or DEFAULT_MODEL, study, self.finetune_budget_s)
+            except (LiverSegError, LookupError, OSError) as exc:
+                log.error("automatic fine-tuning for study %s could not start: %s", study, exc)
 
     # ---------------------------------------------------------------- jobs
     def _broken_message(self) -> str:
@@ -811,6 +906,8 @@ class InferenceServer:
                     worker.process.terminate()
         for job in self.queue:
             self._reply(job.client, error_header(job.request_id, "ServerShutdown", "the server is shutting down"))
+        if self.finetune is not None:
+            self.finetune.cancel()  # the active version stays as it was
         self._submit_jobs.put(None)
         self._submit_thread.join(30)  # a case being written is finished, not cut in half
         while self.submit_results.poll(0):

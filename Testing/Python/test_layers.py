@@ -14,7 +14,7 @@ import pytest
 PACKAGE = "LiverSegmentationLogic"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 # bottom to top; the package root (``__version__``) and ``errors`` may be imported by everyone
-LAYERS = ["", "errors", "io", "models", "readouts", "inference", "studies", "training", "remote", "cli"]
+LAYERS = ["", "errors", "processes", "io", "models", "readouts", "inference", "studies", "training", "remote", "cli"]
 
 
 def module_name(path: Path) -> str:
