@@ -137,8 +137,17 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.operatorLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("operatorName", v))
         self.ui.queueFolderPathLineEdit.connect("currentPathChanged(QString)",
                                                 lambda v: self.saveSetting("queueFolder", v))
+        self.ui.replayFolderPathLineEdit.connect("currentPathChanged(QString)",
+                                                 lambda v: self.saveSetting("replayFolder", v))
+        # adapting the model to the study
+        self.ui.studyLineEdit.connect("editingFinished()", self.refreshAdaptation)
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", lambda v: self.refreshAdaptation())
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.useVersionButton.connect("clicked(bool)", self.onUseVersion)
+        self.ui.keepCurrentButton.connect("clicked(bool)", self.onKeepCurrent)
 
         self.initializeParameterNode()
+        self.refreshAdaptation()
         self.timer.start()
 
     def loadSettingsIntoWidgets(self) -> None:
@@ -153,6 +162,7 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.studyLineEdit.text = s["study"]
         self.ui.operatorLineEdit.text = s["operatorName"]
         self.ui.queueFolderPathLineEdit.currentPath = s["queueFolder"]
+        self.ui.replayFolderPathLineEdit.currentPath = s["replayFolder"]
 
     def saveSetting(self, name, value, readoutChanged=False) -> None:
         self.controller.settings[name] = value
@@ -238,6 +248,16 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.exportButton.enabled = hasSegmentation and not running and c.task is None
         self.ui.saveCsvButton.enabled = c.readout_table is not None
         self.ui.readoutLabel.text = self.readoutText()
+        adapting = c.finetune is not None
+        hasStudy = bool(self.ui.studyLineEdit.text.strip())
+        self.ui.finetuneButton.text = _("Cancel fine-tuning") if adapting else _("Fine-tune now")
+        self.ui.finetuneButton.enabled = adapting or (hasStudy and not running)
+        self.ui.useVersionButton.enabled = hasStudy and not adapting and self.ui.studyVersionsList.count > 0
+        self.ui.keepCurrentButton.enabled = hasStudy and not adapting
+        if c.finetune_status:
+            from LiverSegmentationLib.panel_controller import describe_finetune
+
+            self.ui.finetuneStatusLabel.text = describe_finetune(c.finetune_status)
 
     def readoutText(self) -> str:
         from LiverSegmentationLib.panel_controller import readout_html
@@ -248,7 +268,10 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onTick(self) -> None:
         c = self.controller
         wasRunning, previousResult = c.running, c.result_node
+        wasAdapting, hadTask = c.finetune is not None, c.task is not None
         c.tick()
+        if (wasAdapting and c.finetune is None) or (hadTask and c.task is None):
+            self.refreshAdaptation()  # a fine-tune, an export or a version change ended
         if wasRunning and not c.running and c.result_node is not None and c.result_node is not previousResult:
             if self._parameterNode:
                 self._parameterNode.outputSegmentation = c.result_node
@@ -299,6 +322,48 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay(again.problem or _("Still missing: {packages}. Restart Slicer and try again.")
                                      .format(packages=again.describe()))
         return again.ready
+
+    # ------------------------------------------------------------------ adapting to the study
+    def refreshAdaptation(self) -> None:
+        """The study's queued cases and versions (read on demand: they change only through actions)."""
+        self.ui.studyVersionsList.clear()
+        if not self.ui.studyLineEdit.text.strip():
+            self.ui.adaptSummaryLabel.text = _("Enter the study above to adapt the model to it.")
+            return
+        try:
+            summary = self.controller.adaptation_summary()
+        except Exception as exc:  # e.g. an unreadable queue: said in place
+            self.ui.adaptSummaryLabel.text = _("Cannot read this study's queue: {error}").format(error=exc)
+            return
+        self.ui.adaptSummaryLabel.text = _(
+            "Study {study}: {n} corrected case(s) queued in {queue}; it uses {active}.").format(
+            study=summary["study"], n=summary["queued"], queue=summary["queue"], active=summary["active"])
+        for ref in summary["versions"]:
+            self.ui.studyVersionsList.addItem(ref + ("  (in use)" if ref == summary["active"] else ""))
+        self.render()
+
+    def onFinetuneButton(self) -> None:
+        c = self.controller
+        if c.finetune is not None:
+            c.cancel_finetune()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot start fine-tuning."), waitCursor=True):
+            if self.ensureDependencies(self.ui.backendComboBox.currentText):
+                c.finetune_now()
+        self.render()
+
+    def onUseVersion(self) -> None:
+        items = self.ui.studyVersionsList
+        row = items.currentRow if items.currentRow >= 0 else items.count - 1
+        ref = items.item(row).text().split()[0]
+        with slicer.util.tryWithErrorDisplay(_("Cannot change the model.")):
+            self.controller.use_version(ref)
+        self.refreshAdaptation()
+
+    def onKeepCurrent(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot change the model.")):
+            self.controller.roll_back()
+        self.refreshAdaptation()
 
     def onTestConnection(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot test the connection.")):

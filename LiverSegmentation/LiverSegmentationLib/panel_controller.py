@@ -47,6 +47,8 @@ DEFAULT_SETTINGS = {
     "operatorName": "",
     "marginMm": 3.0,
     "ffUnit": "auto",
+    "replayFolder": "",  # the base model's training data: without it a fine-tune is never activated
+    "finetuneBudget": 300.0,  # seconds of training per fine-tune
 }
 
 # segmentation node attributes: what made the suggestion, so readouts and exports need no catalog
@@ -216,6 +218,9 @@ class PanelController:
         self.task = None
         self._task_kind = None
         self.task_result = None
+        # adapting the model to the study: a fine-tune (local process or the server's) and its last status
+        self.finetune = None
+        self.finetune_status: Optional[dict] = None
 
     @property
     def running(self) -> bool:
@@ -273,6 +278,7 @@ class PanelController:
                 self._finish()
         self._tick_readout()
         self._tick_task()
+        self._tick_finetune()
 
     def _finish(self):
         job, run = self.job, self._run
@@ -393,9 +399,90 @@ class PanelController:
         self.task_result = task.result
         if kind == "Test connection":
             self.status = describe_server(task.result)
+        elif kind == "Model change":
+            self.status = f"The study now uses {task.result} on the server"
         else:
             record, where = task.result
             self.status = f"Queued as {record['case_id']} in {where}"
+
+    # ------------------------------------------------------------------ adapting to the study
+    def adaptation_summary(self) -> dict:
+        """For the chosen model and the study field: the study's queued cases (local queue of the
+        task), its versions (oldest first) and the version it uses now."""
+        from LiverSegmentationLogic.models import catalog
+        from LiverSegmentationLogic.studies.case_queue import CaseQueue
+
+        model, study = _adaptation(self.settings)
+        tag = catalog.study_tag(study)
+        folder = self.queue_folder_for(catalog.find_model(model).card.get("task", model))
+        queued = 0
+        if tag and (folder / "dataset.json").exists():
+            queued = sum(1 for m in CaseQueue(folder).list() if catalog.study_tag(m.get("study")) == tag)
+        versions = [e.ref for e in catalog.list_models() if e.name == model and tag and f"+{tag}-" in e.version]
+        return {"study": tag, "queue": str(folder), "queued": queued, "versions": versions,
+                "active": catalog.find_model(model, study).ref}
+
+    def finetune_now(self):
+        """Fine-tune the study's model line on its corrected cases: in a local process (Local) or
+        on the server (Remote, trainers only). Never blocks; :meth:`tick` follows it."""
+        from LiverSegmentationLogic.models import catalog
+        from LiverSegmentationLogic.remote.finetune_runs import FinetuneRun
+
+        if self.finetune is not None:
+            raise PanelError("a fine-tuning is already running")
+        s = self.settings
+        model, study = _adaptation(s)
+        if not study:
+            raise PanelError("enter the study: fine-tuning adapts the model to one study")
+        if s["backend"] == "Remote":
+            self.finetune = _RemoteFinetune(s["serverAddress"], model, study, s["finetuneBudget"])
+        else:
+            folder = self.queue_folder_for(catalog.find_model(model).card.get("task", model))
+            python = shutil.which("PythonSlicer") or sys.executable
+            self.finetune = FinetuneRun(model, str(folder), study, s["replayFolder"] or None, s["finetuneBudget"],
+                                        s["device"], python=python)
+        self.finetune_status = {"state": "running", "epoch": 0}
+        self.status = "Fine-tuning started"
+
+    def cancel_finetune(self):
+        if self.finetune is not None:
+            self.finetune.cancel()
+
+    def _tick_finetune(self):
+        if self.finetune is None:
+            return
+        state = self.finetune.state
+        self.finetune_status = self.finetune.status()
+        if state != "running":
+            self.finetune = None
+        self.status = describe_finetune(self.finetune_status)
+
+    def use_version(self, ref: str):
+        """Make a version of the study's line the one the study uses (an operator's override); on
+        the server with the Remote backend (trainers only)."""
+        self._change_version("activate", ref)
+
+    def roll_back(self):
+        """Back to the version the study used before the last change ('Keep the current model')."""
+        self._change_version("rollback", self.settings["model"])
+
+    def _change_version(self, op: str, ref: str):
+        from LiverSegmentationLogic.models import catalog
+
+        _, study = _adaptation(self.settings)
+        if self.settings["backend"] == "Remote":
+            address = self.settings["serverAddress"]
+
+            def change():
+                from LiverSegmentationLogic.remote.client import InferenceClient
+
+                with InferenceClient(address) as client:
+                    return getattr(client, op)(ref, study=study)
+
+            self._start_task("Model change", change)
+            return
+        entry = catalog.activate(ref, study=study) if op == "activate" else catalog.rollback(ref, study=study)
+        self.status = f"The study now uses {catalog.find_model(entry.name, study).ref}"
 
     def test_connection(self):
         """Ask the server for its info, off the GUI thread (a down server takes seconds to time out)."""
@@ -455,6 +542,60 @@ def _submit_remote(address, image, corrected, record, labels):
 
     with InferenceClient(address) as client:
         return client.submit(image, corrected, record, labels=labels), f"the server's queue ({address})"
+
+
+# ----------------------------------------------------------------------------- adapting to a study
+class _RemoteFinetune:
+    """A fine-tune on the server, followed from a thread (the server answers in seconds)."""
+
+    def __init__(self, address: str, model: str, study: Optional[str], time_budget_s: float):
+        self._status: dict = {"state": "running", "epoch": 0, "epochs": None, "loss": None, "outcome": None}
+        self._cancel = False
+        self._job = ThreadJob(self._follow, address, model, study, time_budget_s)
+
+    def _follow(self, address, model, study, time_budget_s):
+        from LiverSegmentationLogic.remote.client import InferenceClient
+
+        with InferenceClient(address) as client:
+            self._status = client.train(model=model, study=study, time_budget_s=time_budget_s)
+            while self._status["state"] == "running":
+                time.sleep(2.0)
+                self._status = client.train_cancel() if self._cancel else client.train_status()
+
+    def status(self) -> dict:
+        return self._status
+
+    @property
+    def state(self) -> str:
+        self._job.poll()
+        if self._job.state == FAILED:
+            self._status = dict(self._status, state="failed", outcome=self._job.error)
+        return self._status["state"]
+
+    def cancel(self):
+        self._cancel = True
+
+
+def describe_finetune(status: dict) -> str:
+    """A fine-tune's outcome in words."""
+    state, outcome = status["state"], status.get("outcome") or ""
+    if state == "running":
+        total = f"/{status['epochs']}" if status.get("epochs") else ""
+        loss = f", loss {status['loss']:.3f}" if status.get("loss") is not None else ""
+        return f"Fine-tuning: epoch {status.get('epoch', 0)}{total}{loss}"
+    if state == "promoted":
+        return f"Promoted and now used for this study: {outcome}"
+    if state == "not promoted":
+        return f"Not promoted, the current model stays ('Use it' overrides): {outcome}"
+    if state == "cancelled":
+        return "Fine-tuning cancelled: the current model stays."
+    tail = next((line for line in reversed(status.get("log") or []) if line.strip()), outcome)
+    return f"Fine-tuning failed: {tail}"
+
+
+def _adaptation(controller_settings) -> tuple:
+    s = controller_settings
+    return s["model"], (s["study"].strip() or None)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -486,3 +486,45 @@ def test_local_path_needs_only_torch_and_what_slicer_ships(small_case, tmp_path)
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "readout.json").read_text())["volumes_ml"]["liver"] > 100
+
+
+def test_adapt_to_the_study_from_the_panel(clean_scene, small_case, tmp_path, home):
+    """Export a corrected case for study S, fine-tune now (a local process, progress in ticks),
+    read the outcome in words, use the new version for S only, then keep the current one."""
+    from LiverSegmentationLogic.models import catalog
+
+    image, liver = small_case
+    clock = FakeClock()
+    controller = controller_with(tmp_path, clock=clock, study="S", operatorName="ana", finetuneBudget=10.0)
+    a = bridge.add_volume_node(image, "A")
+    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    controller.export(a, segmentation)
+    while controller.task is not None:
+        controller.tick()
+        time.sleep(0.02)
+    summary = controller.adaptation_summary()
+    assert summary["study"] == "S" and summary["queued"] == 1 and summary["versions"] == []
+    base = summary["active"]
+    with pytest.raises(pc.PanelError, match="enter the study"):
+        pc.PanelController(pc.PanelSettings(pc.DictSettings())).finetune_now()
+    controller.finetune_now()
+    seen_epochs = set()
+    deadline = time.monotonic() + 300
+    while controller.finetune is not None and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        controller.tick()
+        assert time.perf_counter() - t0 < 0.5
+        seen_epochs.add(controller.finetune_status.get("epoch"))
+        time.sleep(0.2)
+    status = controller.finetune_status
+    # without the base model's training data nothing guards the old domain: never promoted
+    assert status["state"] == "not promoted", status
+    assert controller.status.startswith("Not promoted") and "replay" in controller.status
+    assert max(seen_epochs) >= 1
+    summary = controller.adaptation_summary()
+    assert len(summary["versions"]) == 1 and "+S-ft1" in summary["versions"][0] and summary["active"] == base
+    controller.use_version(summary["versions"][0])  # the operator's override
+    assert catalog.active_model("liver-mr-t2", "S").ref == summary["versions"][0]
+    assert catalog.active_model("liver-mr-t2").ref == base  # other studies keep theirs
+    controller.roll_back()
+    assert catalog.active_model("liver-mr-t2", "S").ref == base
