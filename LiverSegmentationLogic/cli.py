@@ -162,7 +162,7 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     import logging
 
-    from .remote.server import run_worker
+    from .remote.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_worker(args.connect, args.server_key, args.worker_cert, model=args.model, device=args.device,

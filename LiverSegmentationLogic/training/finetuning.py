@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,12 @@ def finetune(
 
     base_version = str(card["version"]).split("+")[0].split("-")[0]  # the bundled/trained version it descends from
     version, folder = new_version_folder(card["name"], base_version, "ft", study=study)
+    # built in a hidden staging folder and renamed at the end: a cancelled or failed run leaves no
+    # version behind, and the registry never lists one without its validation
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     new_card = dict(card, version=version)
-    save_model(folder, network, new_card)
-    candidate = load_model(folder)
+    save_model(staging, network, new_card)
+    candidate = load_model(staging)
 
     written = {c["name"]: [c["label"]] for c in card["classes"]}
     report = {
@@ -188,7 +192,8 @@ def finetune(
         },
         promotion={"promoted": promoted, "reason": reason, "tolerance": tolerance, **report},
     )
-    save_model(folder, network, new_card)
+    save_model(staging, network, new_card)
+    os.replace(staging, folder)  # the version appears whole, or not at all
     if promoted:
         activate(f"{card['name']}@{version}", study=study)
     log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason}")

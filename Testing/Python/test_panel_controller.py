@@ -203,7 +203,17 @@ def test_a_finish_that_raises_returns_the_panel_to_idle(clean_scene, small_case,
 
 
 # ------------------------------------------------------------------ readouts
-def _finished_segmentation(scene, controller, input_node, labels, name="liver-mr-t2"):
+def reviewed_case(tmp_path, small_case, **settings):
+    """A controller (fake clock) whose last run put the small case's reference liver, as a model
+    suggestion, on volume A: (image, liver, clock, controller, A, segmentation)."""
+    image, liver = small_case
+    clock = FakeClock()
+    controller = controller_with(tmp_path, clock=clock, **settings)
+    a = bridge.add_volume_node(image, "A")
+    return image, liver, clock, controller, a, _finished_segmentation(controller, a, liver)
+
+
+def _finished_segmentation(controller, input_node, labels, name="liver-mr-t2"):
     from LiverSegmentationLogic.models.catalog import find_model
 
     card = find_model(name).card
@@ -216,11 +226,7 @@ def _finished_segmentation(scene, controller, input_node, labels, name="liver-mr
 
 
 def test_readout_waits_for_edits_to_pause_and_reports_errors_in_place(clean_scene, small_case, tmp_path):
-    image, liver = small_case
-    clock = FakeClock()
-    controller = controller_with(tmp_path, clock=clock)
-    a = bridge.add_volume_node(image, "A")
-    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    image, liver, clock, controller, a, segmentation = reviewed_case(tmp_path, small_case)
     controller.select(a, None, segmentation)
     settle_readout(controller, clock)
     expected = liver.sum() * image.geometry.voxel_volume_ml
@@ -252,11 +258,7 @@ def test_readout_waits_for_edits_to_pause_and_reports_errors_in_place(clean_scen
 
 def test_a_stroke_costs_the_gui_thread_little_on_a_large_map(clean_scene, small_case, tmp_path):
     """300 x 512 x 512 PDFF map: the map is read once, the arithmetic runs off the GUI thread."""
-    image, liver = small_case
-    clock = FakeClock()
-    controller = controller_with(tmp_path, clock=clock, ffUnit="percent")
-    a = bridge.add_volume_node(image, "A")
-    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    image, liver, clock, controller, a, segmentation = reviewed_case(tmp_path, small_case, ffUnit="percent")
     big = np.full((300, 512, 512), 7.0, np.float32)
     g = image.geometry
     ff = bridge.add_volume_node(Volume(big, Geometry((0.8, 0.8, 1.0), (g.origin[0] - 20, g.origin[1] - 20,
@@ -299,11 +301,7 @@ def _save_and_reopen(scene, folder: Path):
 
 
 def test_a_reopened_scene_is_exported_against_its_own_suggestion(clean_scene, small_case, tmp_path):
-    image, liver = small_case
-    clock = FakeClock()
-    controller = controller_with(tmp_path, clock=clock, study="TRIAL-7")
-    a = bridge.add_volume_node(image, "A")
-    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    image, liver, clock, controller, a, segmentation = reviewed_case(tmp_path, small_case, study="TRIAL-7")
     edited = liver.copy()
     edited[:, 100:140] = False
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
@@ -348,7 +346,7 @@ def test_transformed_volumes_are_processed_where_slicer_shows_them(clean_scene, 
     a.SetAndObserveTransformNodeID(shift.GetID())
     world = bridge.geometry_from_volume_node(a)
     np.testing.assert_allclose(np.subtract(world.origin, image.geometry.origin), (-30.0, 12.0, 50.0), atol=1e-6)
-    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    segmentation = _finished_segmentation(controller, a, liver)
     assert segmentation.GetTransformNodeID() == shift.GetID()  # it follows the input
     # a PDFF map acquired where A is shown (world coordinates), with no transform of its own
     ff_array = np.where(liver, 12.0, 70.0).astype(np.float32)
@@ -493,11 +491,8 @@ def test_adapt_to_the_study_from_the_panel(clean_scene, small_case, tmp_path, ho
     read the outcome in words, use the new version for S only, then keep the current one."""
     from LiverSegmentationLogic.models import catalog
 
-    image, liver = small_case
-    clock = FakeClock()
-    controller = controller_with(tmp_path, clock=clock, study="S", operatorName="ana", finetuneBudget=10.0)
-    a = bridge.add_volume_node(image, "A")
-    segmentation = _finished_segmentation(clean_scene, controller, a, liver)
+    image, liver, clock, controller, a, segmentation = reviewed_case(tmp_path, small_case, study="S",
+                                                                     operatorName="ana", finetuneBudget=10.0)
     controller.export(a, segmentation)
     while controller.task is not None:
         controller.tick()
