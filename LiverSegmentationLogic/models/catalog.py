@@ -72,6 +72,8 @@ def list_models() -> list[ModelEntry]:
             entries.append(ModelEntry(card.get("name", card_path.parent.name), str(card.get("version", "?")),
                                       card_path.parent, True, card))
     for card_path in sorted(registry_dir().glob(f"*/*/{CARD_NAME}")):
+        if card_path.parent.name.startswith("."):
+            continue  # a fine-tune's staging folder: not a version until renamed
         card = _read_card(card_path.parent)
         if card:
             folder = card_path.parent

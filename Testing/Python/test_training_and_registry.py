@@ -209,3 +209,28 @@ def test_new_version_folders_count_up(home):
     with pytest.raises(ValueError):
         catalog.new_version_folder("../evil", "1", "ft")
     shutil.rmtree(f1)
+
+
+def test_an_interrupted_finetune_leaves_no_version_and_the_active_one(home, tmp_path, sample_case, monkeypatch):
+    """The candidate is built in a hidden staging folder: a run that fails (or is killed) after
+    writing it lists no new version and changes nothing active."""
+    from LiverSegmentationLogic.io.volumes import crop_volume
+    from LiverSegmentationLogic.training import finetuning
+
+    image, reference = sample_case
+    box = (slice(14, 18), slice(None), slice(None))
+    CaseQueue(tmp_path / "q").add(crop_volume(image, box), (reference[box] == 1).astype(np.uint8), {"study": "S"})
+    before = {e.ref for e in catalog.list_models()}
+    active = catalog.active_model("liver-mr-t2", "S").ref
+
+    def crash(*args, **kwargs):
+        staged = list((home / "models" / "liver-mr-t2").glob(".*.partial"))
+        assert staged and (staged[0] / catalog.CARD_NAME).exists()  # the candidate was written...
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])  # no training needed here
+    monkeypatch.setattr(finetuning, "evaluate_cases", crash)  # ...and the run dies while checking it
+    with pytest.raises(RuntimeError, match="power cut"):
+        finetune("liver-mr-t2", tmp_path / "q", study="S", device="cpu", log=lambda line: None)
+    assert {e.ref for e in catalog.list_models()} == before
+    assert catalog.active_model("liver-mr-t2", "S").ref == active
