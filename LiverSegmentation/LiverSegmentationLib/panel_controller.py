@@ -161,7 +161,6 @@ class _Run:
 
     scene: object
     input_id: str
-    ff_id: Optional[str]
     output_id: Optional[str]
     shape: tuple
     geometry: object  # the input's own grid (before transforms)
@@ -199,7 +198,6 @@ class PanelController:
         self._start_job = start_job
         self.clock = clock
         self.readout_delay_s = readout_delay_s
-        self.state = IDLE
         self.status = ""
         self.progress = (0, 0)
         self.job = None
@@ -223,8 +221,12 @@ class PanelController:
         self.finetune_status: Optional[dict] = None
 
     @property
+    def state(self) -> str:
+        return IDLE if self.job is None else RUNNING
+
+    @property
     def running(self) -> bool:
-        return self.state == RUNNING
+        return self.job is not None
 
     # ------------------------------------------------------------------ segmentation
     def start(self, input_node, ff_node=None, output_node=None):
@@ -238,7 +240,6 @@ class PanelController:
         ff_map = bridge.volume_from_node(ff_node) if ff_node is not None else None
         self._run = _Run(
             scene=input_node.GetScene(), input_id=input_node.GetID(),
-            ff_id=ff_node.GetID() if ff_node is not None else None,
             output_id=output_node.GetID() if output_node is not None else None,
             shape=volume.array.shape, geometry=bridge.geometry_from_volume_node(input_node, world=False),
         )
@@ -248,7 +249,7 @@ class PanelController:
         except Exception:
             self._run = None
             raise
-        self.state, self.progress, self.status = RUNNING, (0, 0), "Segmenting..."
+        self.progress, self.status = (0, 0), "Segmenting..."
 
     def cancel(self):
         if self.job is not None:
@@ -282,7 +283,7 @@ class PanelController:
 
     def _finish(self):
         job, run = self.job, self._run
-        self.job, self._run, self.state = None, None, IDLE  # whatever happens next, the panel is free
+        self.job, self._run = None, None  # whatever happens next, the panel is free
         try:
             if run.discarded:
                 self.status = "The scene was closed during the run: the result was discarded."
@@ -414,7 +415,7 @@ class PanelController:
 
         model, study = _adaptation(self.settings)
         tag = catalog.study_tag(study)
-        folder = self.queue_folder_for(catalog.find_model(model).card.get("task", model))
+        folder = self._model_queue_folder(model)
         queued = 0
         if tag and (folder / "dataset.json").exists():
             queued = sum(1 for m in CaseQueue(folder).list() if catalog.study_tag(m.get("study")) == tag)
@@ -425,7 +426,6 @@ class PanelController:
     def finetune_now(self):
         """Fine-tune the study's model line on its corrected cases: in a local process (Local) or
         on the server (Remote, trainers only). Never blocks; :meth:`tick` follows it."""
-        from LiverSegmentationLogic.models import catalog
         from LiverSegmentationLogic.remote.finetune_runs import FinetuneRun
 
         if self.finetune is not None:
@@ -437,7 +437,7 @@ class PanelController:
         if s["backend"] == "Remote":
             self.finetune = _RemoteFinetune(s["serverAddress"], model, study, s["finetuneBudget"])
         else:
-            folder = self.queue_folder_for(catalog.find_model(model).card.get("task", model))
+            folder = self._model_queue_folder(model)
             python = shutil.which("PythonSlicer") or sys.executable
             self.finetune = FinetuneRun(model, str(folder), study, s["replayFolder"] or None, s["finetuneBudget"],
                                         s["device"], python=python)
@@ -501,6 +501,12 @@ class PanelController:
     def queue_folder_for(self, task: str) -> Path:
         """The default queue of a task: one folder per task under the queue folder setting."""
         return Path(self.settings["queueFolder"]) / task
+
+    def _model_queue_folder(self, model: str) -> Path:
+        """The queue of the task a (local) model serves."""
+        from LiverSegmentationLogic.models import catalog
+
+        return self.queue_folder_for(catalog.find_model(model).card.get("task", model))
 
     def export(self, input_node, segmentation_node):
         """Queue the reviewed case: locally (a folder per task) or on the server (Remote backend)."""

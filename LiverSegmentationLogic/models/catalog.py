@@ -154,15 +154,8 @@ def activate(ref: str, study: Optional[str] = None) -> ModelEntry:
     entry = find_model(ref)
     state = _read_active()
     tag = study_tag(study)
-    chosen = state["studies"].setdefault(tag, {}) if tag else state["global"]
     history = state["history"].setdefault(tag or "", {}).setdefault(entry.name, [])
-    history.append(chosen.get(entry.name))  # what was active before this change
-    if entry.bundled:
-        chosen.pop(entry.name, None)
-    else:
-        chosen[entry.name] = entry.version
-    if tag and not chosen:
-        state["studies"].pop(tag)
+    history.append(_choose(state, tag, entry.name, None if entry.bundled else entry.version))
     _write_active(state)
     return entry
 
@@ -182,16 +175,21 @@ def rollback(name: str, study: Optional[str] = None) -> ModelEntry:
     if not history:
         where = f"study {tag}" if tag else "the global choice"
         raise ModelNotFoundError(f"Nothing to roll back for {name} in {where}")
-    previous = history.pop()
-    chosen = state["studies"].setdefault(tag, {}) if tag else state["global"]
-    if previous is None:
-        chosen.pop(name, None)
-    else:
-        chosen[name] = previous
-    if tag and not chosen:
-        state["studies"].pop(tag)
+    _choose(state, tag, name, history.pop())
     _write_active(state)
     return active_model(name, study)
+
+
+def _choose(state: dict, tag: Optional[str], name: str, version: Optional[str]) -> Optional[str]:
+    """Set (or, with None, clear) the version chosen for ``name`` in a study (or globally);
+    returns the one chosen before."""
+    chosen = state["studies"].setdefault(tag, {}) if tag else state["global"]
+    before = chosen.pop(name, None)
+    if version is not None:
+        chosen[name] = version
+    if tag and not chosen:
+        state["studies"].pop(tag)
+    return before
 
 
 def find_model(ref: str, study: Optional[str] = None) -> ModelEntry:
