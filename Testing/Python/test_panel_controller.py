@@ -18,6 +18,7 @@ import pytest
 
 from LiverSegmentationLogic.io.volumes import Geometry, Volume, crop_volume
 from LiverSegmentationLogic.readouts.metrics import dice
+from import_guard import run_without
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
 
@@ -391,22 +392,11 @@ def test_the_dependency_plan_per_backend():
 
 
 def test_remote_needs_no_torch():
-    import subprocess
-
-    code = (
-        "import builtins\n"
-        "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name.split('.')[0] in ('torch', 'monai', 'skimage'):\n"
-        "        raise ImportError(name)\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = guard\n"
-        "import sys; sys.path.insert(0, 'LiverSegmentation')\n"
+    result = run_without(("torch", "monai", "skimage"), (
+        "sys.path.insert(0, 'LiverSegmentation')\n"
         "from LiverSegmentationLib.panel_controller import PanelController, default_job_starter\n"
         "from LiverSegmentationLogic.remote.client import InferenceClient\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    ))
     assert result.returncode == 0, result.stderr
 
 
@@ -462,26 +452,14 @@ def test_local_path_needs_only_torch_and_what_slicer_ships(small_case, tmp_path)
     """The panel's background process (liverseg segment) runs with tqdm, monai, pyzmq, pydicom and
     scikit-image unavailable: Slicer ships numpy, SimpleITK, scipy and pillow; torch comes from the
     PyTorch extension."""
-    import subprocess
-
     import SimpleITK as sitk
 
     path = tmp_path / "scan.nii.gz"
     sitk.WriteImage(small_case[0].to_sitk(), str(path))
-    code = (
-        "import builtins, sys\n"
-        "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name.split('.')[0] in ('tqdm', 'monai', 'zmq', 'pydicom', 'skimage'):\n"
-        "        raise ImportError(name)\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = guard\n"
-        "from LiverSegmentationLogic.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, "segment", str(path), "-o", str(tmp_path / "out.nrrd"),
-                             "--progress-lines", "--json", str(tmp_path / "readout.json")],
-                            capture_output=True, text=True)
+    result = run_without(("tqdm", "monai", "zmq", "pydicom", "skimage"),
+                         "from LiverSegmentationLogic.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+                         "segment", str(path), "-o", str(tmp_path / "out.nrrd"), "--progress-lines", "--json",
+                         str(tmp_path / "readout.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "readout.json").read_text())["volumes_ml"]["liver"] > 100
 

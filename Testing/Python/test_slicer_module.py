@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_guard import run_without
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "LiverSegmentation"
@@ -100,22 +101,14 @@ def test_bridge_and_core_import_no_qt():
 def test_panel_can_list_models_and_tasks_without_torch():
     """The panel fills its model list in setup(), before dependencies are installed; the server's
     broker lists tasks without loading torch either."""
-    code = (
-        "import sys, builtins\n"
-        "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name.split('.')[0] in ('torch', 'scipy', 'skimage', 'zmq'):\n"
-        "        raise ImportError(name)\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = guard\n"
+    result = run_without(("torch", "scipy", "skimage", "zmq"), (
         "from LiverSegmentationLogic.models.catalog import model_names, resolve_model_folder\n"
         "names = model_names()\n"
         "assert names[0] == 'liver-mr-t2', names\n"
         "assert resolve_model_folder(names[0]).is_dir()\n"
         "from LiverSegmentationLogic.models.tasks import list_tasks\n"
         "assert [t.preprocess_config().in_channels for t in list_tasks() if t.name == 'liver-dixon-mr'] == [6]\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    ))
     assert result.returncode == 0, result.stderr
 
 
