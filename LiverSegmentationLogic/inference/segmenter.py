@@ -13,6 +13,7 @@ import torch
 from ..errors import CancelledError, InvalidImageError, ModelLoadError
 from ..io.volumes import Volume, channel_array, crop_volume, validate_volume
 from ..models.model_files import LoadedModel
+from ..models.network import inference_network
 from .postprocessing import postprocess_labels
 from .preprocessing import grow_region, neighbour_stack, prepare_volume
 from .results import UNCERTAIN_BELOW, ProgressCallback, SegmentationResult
@@ -59,7 +60,7 @@ class Segmenter:
         self.batch_size = batch_size
         self.channels_last = True if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.network = model.network.to(self.device, memory_format=memory_format).eval()
+        self.network = inference_network(model.network).to(self.device, memory_format=memory_format)
         self.config = model.preprocess
         own = set(model.output_labels)  # a cascade's card also lists its first stage's classes
         self.rules = {int(c["label"]): c.get("postprocessing", {}) for c in model.classes if c["label"] in own}

@@ -6,7 +6,13 @@ import torch
 from LiverSegmentationLogic.errors import ModelLoadError, ModelNotFoundError
 from LiverSegmentationLogic.models.catalog import CARD_NAME, WEIGHTS_NAME
 from LiverSegmentationLogic.models.model_files import load_model, save_model
-from LiverSegmentationLogic.models.network import UNet2D, UNetEnsemble, build_network, count_flops_per_slice
+from LiverSegmentationLogic.models.network import (
+    UNet2D,
+    UNetEnsemble,
+    build_network,
+    count_flops_per_slice,
+    inference_network,
+)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -39,6 +45,27 @@ def test_flop_count_scales_with_area():
     assert f1 > 0 and f2 == pytest.approx(4 * f1)
     # first conv alone: 3 -> 8 channels, 3x3, on 32x32 outputs
     assert f1 > 2 * 3 * 9 * 8 * 32 * 32
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_inference_network_folds_batchnorm_and_computes_the_same(residual):
+    torch.manual_seed(0)
+    members = [UNet2D(5, 3, width=4, depth=2, residual=residual) for _ in range(2)]
+    for net in members:  # trained-looking statistics, so the folding has something to fold
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    for network in (members[0], UNetEnsemble(members)):
+        network.train()
+        folded = inference_network(network)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())  # the original is untouched
+        assert network.training and not folded.training
+        x = torch.rand(2, 5, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), network.eval()(x), atol=1e-4, rtol=1e-4)
 
 
 def _tiny_model(tmp_path):
