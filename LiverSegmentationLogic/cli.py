@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", help="the base model's training data, for fine-tuning's replay and validation gate")
     p.add_argument("--auto-finetune", type=int, default=0, metavar="K",
                    help="fine-tune a study's model line after every K queued cases of it (default 0: off)")
-    p.add_argument("--finetune-budget", type=float, default=300.0, help="seconds of training per automatic fine-tune")
+    p.add_argument("--finetune-budget", type=float, default=300.0,
+                   help="seconds per automatic fine-tune, all steps included")
     p.add_argument("--max-queued", type=int, default=32, help="requests waiting for a worker, all clients")
     p.add_argument("--max-queued-per-client", type=int, default=4, help="requests waiting, per client")
     p.add_argument("--max-queued-mb", type=float, default=None,
@@ -477,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", help="the base model's training dataset: replay cases + regression check")
     p.add_argument("--replay-cases", type=int, help="replay cases mixed in (default: as many as queued, >= 2)")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--time-budget", type=float, default=480.0, help="seconds of training at most (default 480)")
+    p.add_argument("--time-budget", type=float, default=300.0,
+                   help="seconds for the whole fine-tune: reading, training and the validation gate (default 300)")
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--tolerance", type=float, default=0.02, help="largest allowed Dice loss on the base validation")
     p.add_argument("--seed", type=int, default=0)

@@ -1,15 +1,19 @@
 """An operator's study from a new domain, one case at a time, with and without the adaptation loop.
 
-    python benchmarks/bench_study.py [--every 2] [--budget 300] [--cases 0 1 2 3 4 5 6 7] [--study BENCH]
+    python benchmarks/bench_study.py [--every 2] [--budget 300] [--cases lits-ct/0 ... chaos-ct/1]
+                                     [--model liver-mr-t2] [--study BENCH]
 
-The MR liver model (liver-mr-t2) meets the LiTS CT patients in the given order. Each suggestion is
-"corrected" to the reference liver: the effort is the number of voxels changed and of axial slices
-touched. The corrected case goes into the study's queue, and after every ``--every`` cases the
-study's model line is fine-tuned (``finetune --study``, MR replay cases and the MR validation gate,
-``--budget`` seconds of training). Without the loop every case gets the base model's suggestion.
-Prints the effort per case with and without the loop, the cumulative effort, and the wall time of
-each fine-tune. Target (issue 18): from the third case on, at most half of the no-loop effort;
-each fine-tune <= 5 min on 2 CPU cores. Runs in a registry of its own (nothing active changes).
+The MR liver model (``--model``) meets a study from a new domain one case at a time, in the given
+order: by default the 8 LiTS CT patients, then the CHAOS CT case (raw Hounsfield units, another
+scanner). Each suggestion is "corrected" to the reference liver: the effort is the number of
+voxels changed and of axial slices touched. The corrected case goes into the study's queue, and
+after every ``--every`` cases the study's model line is fine-tuned (``finetune --study``, MR replay
+cases and the MR validation gate, ``--budget`` seconds for the whole fine-tune). Without the loop
+every case gets the base model's suggestion. Prints the effort per case with and without the
+loop, the cumulative effort, and the wall time of each fine-tune. Target (issue 18): from the
+third case on, at most half of the no-loop effort; each fine-tune <= 5 min on 2 CPU cores. Runs in
+a registry of its own (nothing active changes). Cases are ``lits-ct/N``, ``chaos-ct/1`` or
+``chaos-mr-t2/N`` (an MR order makes sense only with a model that never saw those patients).
 """
 
 from __future__ import annotations
@@ -34,39 +38,56 @@ def effort(suggestion: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--cases", nargs="+", default=[str(i) for i in range(8)], help="LiTS patients, in order")
+    parser.add_argument("--cases", nargs="+", default=[f"lits-ct/{i}" for i in range(8)] + ["chaos-ct/1"],
+                        help="dataset/patient, in order")
+    parser.add_argument("--model", default="liver-mr-t2", help="the model the study starts from")
     parser.add_argument("--every", type=int, default=2, help="fine-tune after every k cases")
-    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per fine-tune")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds per fine-tune, all steps included")
     parser.add_argument("--study", default="BENCH")
     args = parser.parse_args()
     os.environ["LIVERSEG_HOME"] = tempfile.mkdtemp(prefix="liverseg-bench-study-")  # a registry of its own
 
     from LiverSegmentationLogic.inference.segmenter import Segmenter
+    from LiverSegmentationLogic.io.datasets import convert_chaos_ct
     from LiverSegmentationLogic.io.volumes import read_volume
     from LiverSegmentationLogic.models.model_files import load_model
     from LiverSegmentationLogic.studies.case_queue import CaseQueue
     from LiverSegmentationLogic.training.finetuning import finetune
 
-    queue = CaseQueue(Path(os.environ["LIVERSEG_HOME"]) / "queue", labels={"liver": 1}, modality="CT")
-    base = Segmenter(load_model("liver-mr-t2"), device="cpu")
+    home = Path(os.environ["LIVERSEG_HOME"])
+
+    def case_paths(case: str) -> tuple[Path, Path]:
+        dataset, patient = case.split("/")
+        if dataset == "chaos-ct":  # a DICOM series + PNG ground truth: converted once
+            converted = convert_chaos_ct(args.data / "chaos-ct-1", home / "chaos-ct", patient)
+            return converted.images[0], converted.label
+        return args.data / dataset / f"image_{patient}.nii.gz", args.data / dataset / f"label_{patient}.nii.gz"
+
+    base = Segmenter(load_model(args.model), device="cpu")
+    modality = base.model.card.get("modality", "")
+    queue = CaseQueue(home / "queue", labels={"liver": 1}, modality="CT" if "ct" in args.cases[0] else modality)
     rows, tunes = [], []
     for index, case in enumerate(args.cases):
-        image = read_volume(args.data / "lits-ct" / f"image_{case}.nii.gz")
-        reference = (np.rint(read_volume(args.data / "lits-ct" / f"label_{case}.nii.gz", validate=False).array)
-                     >= 1).astype(np.uint8)  # the liver, lesions included
-        current = Segmenter(load_model("liver-mr-t2", study=args.study), device="cpu")
+        image_path, label_path = case_paths(case)
+        image = read_volume(image_path)
+        values = np.rint(read_volume(label_path, validate=False).array)
+        # LiTS: 1 liver, 2 lesion, and the liver includes its lesions; CHAOS: 1 liver (MR: then other organs)
+        reference = (values >= 1 if case.startswith("lits-ct") else values == 1).astype(np.uint8)
+        current = Segmenter(load_model(args.model, study=args.study), device="cpu")
         loop = (current.segment(image).labels == 1).astype(np.uint8)
         plain = (base.segment(image).labels == 1).astype(np.uint8)
         rows.append((case, current.model.card["version"], effort(plain, reference), effort(loop, reference)))
-        print(f"case lits-ct/{case}: model {rows[-1][1]}; effort without loop {rows[-1][2]}, with loop {rows[-1][3]}",
+        print(f"case {case}: model {rows[-1][1]}; effort without loop {rows[-1][2]}, with loop {rows[-1][3]}",
               flush=True)
-        queue.add(image, reference, {"study": args.study, "source": f"lits-ct/{case}"})
+        queue.add(image, reference, {"study": args.study, "source": case})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):
             t0 = time.perf_counter()
-            result = finetune("liver-mr-t2", queue.folder, replay=args.data / "chaos-mr-t2", study=args.study,
+            result = finetune(args.model, queue.folder, replay=args.data / "chaos-mr-t2", study=args.study,
                               time_budget_s=args.budget, device="cpu", log=lambda line: None)
-            tunes.append((index + 1, time.perf_counter() - t0, result.promoted, result.reason))
-            print(f"fine-tune after {index + 1} cases: {tunes[-1][1]:.0f}s, "
+            times = result.report["time_s"]
+            tunes.append((index + 1, time.perf_counter() - t0, times["training"], len(result.report["evaluated_cases"]),
+                          result.promoted, result.reason))
+            print(f"fine-tune after {index + 1} cases: {tunes[-1][1]:.0f}s ({times['training']:.0f}s training), "
                   f"{'promoted' if result.promoted else 'not promoted'}: {result.reason}", flush=True)
 
     print("\n| case | model used | voxels changed, no loop | with loop | slices touched, no loop | with loop | "
@@ -74,14 +95,16 @@ def main():
     total_plain = total_loop = 0
     for case, version, (pv, ps), (lv, ls) in rows:
         total_plain, total_loop = total_plain + pv, total_loop + lv
-        print(f"| lits-ct/{case} | {version} | {pv} | {lv} | {ps} | {ls} | {total_plain} | {total_loop} |")
+        print(f"| {case} | {version} | {pv:,} | {lv:,} | {ps} | {ls} | {total_plain:,} | {total_loop:,} |")
     later = rows[2:]
     if later:
         ratio = sum(r[3][0] for r in later) / max(1, sum(r[2][0] for r in later))
         print(f"\nfrom the third case on: {100 * ratio:.0f} % of the no-loop effort in voxels (target <= 50 %)")
-    for after, seconds, promoted, reason in tunes:
-        print(f"fine-tune after {after} cases: {seconds / 60:.1f} min, "
-              f"{'promoted' if promoted else 'not promoted'} ({reason})")
+    print("\n| fine-tune after | wall time | of it training | queued cases the gate measured | promoted |\n"
+          "|---|---|---|---|---|")
+    for after, seconds, training, measured, promoted, reason in tunes:
+        print(f"| {after} cases | {seconds / 60:.1f} min | {training:.0f} s | {measured} of {after} | "
+              f"{'yes' if promoted else 'no'}: {reason} |")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ DEFAULT_SETTINGS = {
     "marginMm": 3.0,
     "ffUnit": "auto",
     "replayFolder": "",  # the base model's training data: without it a fine-tune is never activated
-    "finetuneBudget": 300.0,  # seconds of training per fine-tune
+    "finetuneBudget": 300.0,  # seconds per fine-tune, all steps included
 }
 
 # segmentation node attributes: what made the suggestion, so readouts and exports need no catalog

@@ -140,7 +140,6 @@ def convert_chaos_ct(
     CHAOS orders its PNG slices like the DICOM files by name; each PNG is placed at its DICOM
     file's slice position, so the label matches however SimpleITK sorts the series.
     """
-    import pydicom
     import SimpleITK as sitk
     from PIL import Image
 
@@ -155,8 +154,11 @@ def convert_chaos_ct(
     image = read_volume(source / "DICOM_anon")
     lps_to_index = np.linalg.inv(image.geometry.index_to_lps())
     labels = np.zeros(image.array.shape, dtype=np.uint8)
+    header = sitk.ImageFileReader()
     for dcm, png in zip(files, pngs):
-        position = [float(v) for v in pydicom.dcmread(dcm, stop_before_pixels=True).ImagePositionPatient]
+        header.SetFileName(dcm)
+        header.ReadImageInformation()  # the header only
+        position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]  # ImagePositionPatient
         k = int(round((lps_to_index @ np.array(position + [1.0]))[2]))
         labels[k] = np.asarray(Image.open(png)) > 0
     destination.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import io
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -32,9 +34,11 @@ import torch
 from ..studies.case_queue import CaseQueue
 from ..models.catalog import activate, new_version_folder, study_tag
 from ..io.datasets import CaseFiles, find_cases, select_cases
+from ..io.locations import home_dir
 from ..errors import LiverSegError
 from ..inference.segmenter import resolve_device
 from ..models.model_files import LoadedModel, load_model, save_model
+from ..models.network import inference_network
 from ..inference.preprocessing import neighbour_stack
 from ..models.tasks import reference_values
 from .trainer import TrainConfig, TrainingCase, evaluate_cases, load_case, train_network
@@ -52,19 +56,28 @@ class FinetuneResult:
     report: dict
 
 
-def _queued_training_case(model: LoadedModel, case: CaseFiles) -> TrainingCase:
+def _queued_training_case(origin: LoadedModel, case: CaseFiles, cache: "_Cache") -> tuple[TrainingCase, float]:
     """A queued case on the model grid, its written labels turned into network classes; hidden
-    classes come from the base model's own prediction where the correction says background."""
-    config = model.preprocess
-    outputs = model.output_labels
+    classes come from the line's first model's own prediction where the correction says background.
+    That prediction is cached (it depends on the case and that model only). Returns the case and
+    the seconds its network pass took (0 when cached)."""
+    config = origin.preprocess
+    outputs = origin.output_labels
     written_labels = {label: label for label in outputs if label}
     prepared = load_case(case.images, case.label, config, written_labels, name=case.case_id)
     written = prepared.labels
-    with torch.inference_mode():
-        predicted = np.concatenate([
-            model.network(torch.from_numpy(neighbour_stack(prepared.image, idx, config.neighbours))).argmax(1).numpy()
-            for idx in np.array_split(np.arange(written.shape[0]), max(1, written.shape[0] // 8))
-        ]).astype(np.uint8)
+    seconds = 0.0
+    predicted = cache.hidden(origin, case.case_id)
+    if predicted is None or predicted.shape != written.shape:
+        t0 = time.perf_counter()
+        network = inference_network(origin.network)
+        with torch.inference_mode():
+            predicted = np.concatenate([
+                network(torch.from_numpy(neighbour_stack(prepared.image, idx, config.neighbours))).argmax(1).numpy()
+                for idx in np.array_split(np.arange(written.shape[0]), max(1, written.shape[0] // 8))
+            ]).astype(np.uint8)
+        seconds = time.perf_counter() - t0
+        cache.save_hidden(origin, case.case_id, predicted)
     target = np.zeros_like(written)
     for net_class, label in enumerate(outputs):
         if net_class and label == 0:  # hidden class: keep the base model's view of it
@@ -72,11 +85,91 @@ def _queued_training_case(model: LoadedModel, case: CaseFiles) -> TrainingCase:
     for net_class, label in reversed(list(enumerate(outputs))):
         if label:
             target[written == label] = net_class
-    return TrainingCase(case.case_id, prepared.image, target)
+    return TrainingCase(case.case_id, prepared.image, target), seconds
+
+
+class _Cache:
+    """What fine-tunes of a line keep computing again: each model's Dice on each queued case, and
+    the hidden classes the line's first model predicts in each queued case. Kept under
+    ``<home>/cache/finetuning``, keyed by the model's weights hash and the case's id and hashes (a
+    case replaced under the same id is another case). Losing it costs time, never correctness."""
+
+    def __init__(self, keys: dict[str, str]):
+        self.folder = home_dir() / "cache" / "finetuning"
+        self.keys = keys  # queue case id -> "<id>-<image hash>-<label hash>"
+
+    def _scores_path(self, model: LoadedModel) -> Path:
+        return self.folder / "scores" / f"{model.card['sha256'][:24]}.json"
+
+    def scores(self, model: LoadedModel) -> dict[str, dict]:
+        """Queue case id -> Dice per class, for the cases of this queue already measured."""
+        try:
+            known = json.loads(self._scores_path(model).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {case_id: known[key] for case_id, key in self.keys.items() if isinstance(known.get(key), dict)}
+
+    def save_scores(self, model: LoadedModel, scores: dict[str, dict]):
+        path = self._scores_path(model)
+        try:
+            known = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            known = {}
+        known.update({self.keys[case_id]: dice for case_id, dice in scores.items()})
+        self._write(path, json.dumps(known).encode())
+
+    def _hidden_path(self, model: LoadedModel, case_id: str) -> Path:
+        return self.folder / "hidden" / model.card["sha256"][:24] / f"{self.keys[case_id]}.npz"
+
+    def hidden(self, model: LoadedModel, case_id: str) -> Optional[np.ndarray]:
+        try:
+            with np.load(self._hidden_path(model, case_id), allow_pickle=False) as data:
+                return data["predicted"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save_hidden(self, model: LoadedModel, case_id: str, predicted: np.ndarray):
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, predicted=predicted)
+        self._write(self._hidden_path(model, case_id), buffer.getvalue())
+
+    @staticmethod
+    def _write(path: Path, data: bytes):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+
+
+def _case_key(meta: dict) -> str:
+    return f"{meta['case_id']}-{meta['image_sha256'][:12]}-{meta['label_sha256'][:12]}"
+
+
+def _line_origin(model: LoadedModel) -> LoadedModel:
+    """The first model of ``model``'s line (the bundled or trained version its fine-tunes descend
+    from); the model itself where that version is not to be found."""
+    origin = str(model.card["version"]).split("+")[0].split("-")[0]
+    if origin == model.card["version"]:
+        return model
+    try:
+        return load_model(f"{model.card['name']}@{origin}")
+    except LiverSegError:
+        return model
 
 
 def _mean(scores: dict) -> float:
     return float(np.mean(list(scores.values()))) if scores else float("nan")
+
+
+#: the share of a fine-tune's time budget always left to training, however many cases wait to be evaluated
+MIN_TRAIN_SHARE = 0.4
+#: seconds kept free at the end of the budget for writing the new version
+SAVE_RESERVE_S = 5.0
+#: a whole-pipeline evaluation costs about this much more than the network pass alone
+PIPELINE_OVERHEAD = 1.25
 
 
 def finetune(
@@ -85,7 +178,7 @@ def finetune(
     replay: Optional[Union[str, Path]] = None,
     replay_cases: Optional[int] = None,
     epochs: int = 20,
-    time_budget_s: float = 480.0,
+    time_budget_s: float = 300.0,
     learning_rate: float = 5e-4,
     tolerance: float = 0.02,
     seed: int = 0,
@@ -95,6 +188,12 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the cases of ``queue`` and promote the result if it validates.
 
+    The whole run (reading the cases, training, the validation gate) keeps to ``time_budget_s``,
+    however long the queue grows: what a model scored on a queued case, and the hidden classes
+    of each case, are cached; the gate measures the newest queued cases that fit in the budget
+    (at least the newest one) and training gets the rest, never less than
+    :data:`MIN_TRAIN_SHARE` of the budget.
+
     Args:
         base: model reference (name, name@version or folder).
         queue: fine-tuning queue folder (:class:`studies.case_queue.CaseQueue`).
@@ -102,27 +201,37 @@ def finetune(
             cases, the regression check from its validation cases (named in the base card).
             Without it nothing guards the old domain, so the result is never activated.
         replay_cases: replay cases mixed in (default: as many as queued cases, at least 2).
+        time_budget_s: seconds for the whole run.
         tolerance: largest allowed loss of Dice on any class of the base validation set.
         device: where the network trains (``"auto"``: CUDA if present).
         study: fine-tune that study's model line: start from the study's active version, train on
             the queued cases of that study only, write ``<base>+<study>-ft<n>`` and activate it for
             that study only (other studies and the global choice keep theirs).
     """
+    t_start = time.perf_counter()
     resolve_device(device)  # an unusable device fails now, not after the cases are read
     model = load_model(base, study=study)
     card = model.card
     if card.get("cascade"):
         raise FinetuneError(f"{model.name_version} is a cascade; fine-tune its stages as separate models")
     queued = CaseQueue(queue)
-    queued_paths = [(m["case_id"], queued.paths(m["case_id"])) for m in queued.list()
-                    if study is None or study_tag(m.get("study")) == study_tag(study)]
-    queued_cases = [CaseFiles(f"queue/{case_id}", (paths["image"],), paths["label"]) for case_id, paths in queued_paths]
-    if not queued_cases:
+    records = [m for m in queued.list() if study is None or study_tag(m.get("study")) == study_tag(study)]
+    if not records:
         raise FinetuneError(f"The queue {queue} holds no cases" + (f" of study {study_tag(study)}" if study else ""))
     if model.preprocess.channels != 1:
         raise FinetuneError("The queue holds single-image cases; this model takes several channels")
-    t0 = time.perf_counter()
-    cases = [_queued_training_case(model, c) for c in queued_cases]
+    queued_cases = []
+    for meta in records:
+        paths = queued.paths(meta["case_id"])
+        queued_cases.append(CaseFiles(f"queue/{meta['case_id']}", (paths["image"],), paths["label"]))
+    cache = _Cache({c.case_id: _case_key(m) for c, m in zip(queued_cases, records)})
+    origin = _line_origin(model)
+    cases, network_seconds = [], 0.0
+    for case_files in queued_cases:
+        case, seconds = _queued_training_case(origin, case_files, cache)
+        cases.append(case)
+        network_seconds += seconds
+    seconds_per_voxel = _network_seconds_per_voxel(model, cases, network_seconds)
 
     validation_cases: list[CaseFiles] = []  # empty without replay data
     replayed: list[CaseFiles] = []
@@ -140,13 +249,52 @@ def finetune(
         cases += [load_case(c.images, c.label, model.preprocess, label_map, name=c.case_id) for c in replayed]
         if not validation_cases:
             log(f"warning: none of the base validation cases {held} is in {replay}")
-    log(f"fine-tuning {model.name_version} on {len(queued_cases)} queued + {len(replayed)} replay case(s)")
+
+    written = {c["name"]: [c["label"]] for c in card["classes"]}
+    report = {"queued_cases": [c.case_id for c in queued_cases],
+              "base_validation_cases": [c.case_id for c in validation_cases]}
+    if validation_cases:
+        reference = reference_values(card["classes"], model.output_labels, label_map)
+        validation_before = validation_reference(card, report["base_validation_cases"])
+        if validation_before is None:
+            validation_before = evaluate_cases(model, validation_cases, reference)["mean_dice"]
+        report["base_validation_before"] = validation_before
+    # one replay case stands for the cost of one validation case (same dataset)
+    replay_voxels = [case.image.size for case in cases[len(queued_cases):]] or [0]
+    validation_cost = PIPELINE_OVERHEAD * seconds_per_voxel * float(np.mean(replay_voxels)) * len(validation_cases)
+
+    # the gate: the newest queued cases whose evaluation (before, where not cached, and after) fits
+    known_before = cache.scores(model)
+    evaluation_budget = (time_budget_s * (1.0 - MIN_TRAIN_SHARE) - (time.perf_counter() - t_start)
+                         - validation_cost - SAVE_RESERVE_S)
+    evaluated, planned = [], 0.0
+    for case_files, case in reversed(list(zip(queued_cases, cases))):
+        passes = 1 if case_files.case_id in known_before else 2  # after, and before where not known
+        cost = PIPELINE_OVERHEAD * seconds_per_voxel * case.image.size * passes
+        if evaluated and planned + cost > evaluation_budget:
+            break
+        evaluated.append(case_files)
+        planned += cost
+    if len(evaluated) < len(queued_cases):
+        log(f"the gate measures the newest {len(evaluated)} of {len(queued_cases)} queued cases (time budget)")
+    before = {c: known_before[c] for c in report["queued_cases"] if c in known_before}
+    missing = [c for c in evaluated if c.case_id not in before]
+    if missing:
+        before.update(evaluate_cases(model, missing, written)["per_case_dice"])
+        cache.save_scores(model, before)
+    after_cost = PIPELINE_OVERHEAD * seconds_per_voxel * sum(c.image.size for f, c in zip(queued_cases, cases)
+                                                             if f in evaluated)
+    prepared_s = time.perf_counter() - t_start
+    train_budget = max(time_budget_s - prepared_s - after_cost - validation_cost - SAVE_RESERVE_S,
+                       MIN_TRAIN_SHARE * time_budget_s)
+    log(f"fine-tuning {model.name_version} on {len(queued_cases)} queued + {len(replayed)} replay case(s), "
+        f"{train_budget:.0f}s of training")
 
     network = copy.deepcopy(model.network).train()
-    train = TrainConfig(epochs=epochs, learning_rate=learning_rate, time_budget_s=time_budget_s, seed=seed,
+    train = TrainConfig(epochs=epochs, learning_rate=learning_rate, time_budget_s=train_budget, seed=seed,
                         background_fraction=0.3, device=device)
     losses = train_network(network, cases, model.preprocess, train, log=log)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t_start - prepared_s
 
     base_version = str(card["version"]).split("+")[0].split("-")[0]  # the bundled/trained version it descends from
     version, folder = new_version_folder(card["name"], base_version, "ft", study=study)
@@ -157,18 +305,22 @@ def finetune(
     save_model(staging, network, new_card)
     candidate = load_model(staging)
 
-    written = {c["name"]: [c["label"]] for c in card["classes"]}
-    report = {
-        "queued_cases": [c.case_id for c in queued_cases],
-        "queue_before": evaluate_cases(model, queued_cases, written)["mean_dice"],
-        "queue_after": evaluate_cases(candidate, queued_cases, written)["mean_dice"],
-        "base_validation_cases": [c.case_id for c in validation_cases],
-    }
+    t_gate = time.perf_counter()
+    after = evaluate_cases(candidate, evaluated, written)["per_case_dice"]
+    cache.save_scores(candidate, after)
+    names = [c["name"] for c in card["classes"]]
+    report.update(
+        evaluated_cases=[c.case_id for c in evaluated],  # newest first
+        queue_before=_mean_per_class({c: before[c] for c in after}, names),
+        queue_after=_mean_per_class(after, names),
+        queue_before_per_case={c: before[c] for c in after},
+        queue_after_per_case=after,
+    )
     if validation_cases:
-        reference = reference_values(card["classes"], model.output_labels, label_map)
-        measured = evaluate_cases(model, validation_cases, reference)["mean_dice"]
-        report["base_validation_before"] = validation_reference(card, report["base_validation_cases"], measured)
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
+    total_s = time.perf_counter() - t_start
+    report["time_s"] = {"budget": time_budget_s, "total": round(total_s, 1), "preparation": round(prepared_s, 1),
+                        "training": round(train_s, 1), "validation": round(time.perf_counter() - t_gate, 1)}
     promoted, reason = _promotion_decision(report, tolerance)
     new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
     if validation_cases:
@@ -196,19 +348,41 @@ def finetune(
     os.replace(staging, folder)  # the version appears whole, or not at all
     if promoted:
         activate(f"{card['name']}@{version}", study=study)
-    log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason}")
+    log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason} "
+        f"({total_s:.0f}s of a {time_budget_s:.0f}s budget)")
     return FinetuneResult(load_model(folder), promoted, reason, report)
 
 
-def validation_reference(card: dict, cases: list[str], measured: dict) -> dict:
+def _network_seconds_per_voxel(model: LoadedModel, cases: list[TrainingCase], measured_s: float) -> float:
+    """Seconds the network takes per model-grid voxel: from the passes just made, else timed on
+    a few slices of the newest case."""
+    voxels = sum(case.image.size for case in cases)
+    if measured_s > 0.5:
+        return measured_s / voxels
+    case = cases[-1]
+    idx = np.arange(min(8, case.image.shape[0]))
+    network = inference_network(model.network)
+    batch = torch.from_numpy(neighbour_stack(case.image, idx, model.preprocess.neighbours))
+    with torch.inference_mode():
+        network(batch[:2])  # the first call sets up kernels
+        t0 = time.perf_counter()
+        network(batch)
+        return (time.perf_counter() - t0) / (len(idx) * case.image[0].size)
+
+
+def _mean_per_class(per_case: dict[str, dict], names: list[str]) -> dict[str, float]:
+    return {n: float(np.mean([scores[n] for scores in per_case.values()])) for n in names}
+
+
+def validation_reference(card: dict, cases: list[str]) -> Optional[dict]:
     """The scores a fine-tuned model must stay within tolerance of: those of the first model of
-    its line (carried in each fine-tuned card) when measured on the same cases, else the base
-    model's own. So fine-tune after fine-tune cannot drift from the original domain a little at
-    a time."""
+    its line (carried in each fine-tuned card) when measured on the same cases; None where the
+    base model is the first of its line or the cases differ (then the base model's own, measured).
+    So fine-tune after fine-tune cannot drift from the original domain a little at a time."""
     lineage = card.get("promotion", {})
     if lineage.get("base_validation_cases") == cases and lineage.get("base_validation_before"):
         return lineage["base_validation_before"]
-    return measured
+    return None
 
 
 def _promotion_decision(report: dict, tolerance: float) -> tuple[bool, str]:

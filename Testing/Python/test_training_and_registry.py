@@ -157,10 +157,10 @@ def test_regression_reference_is_the_first_model_of_the_line():
 
     root = {"version": "1.0.0"}
     first = {"promotion": {"base_validation_cases": ["mr/21"], "base_validation_before": {"liver": 0.92}}}
-    assert validation_reference(root, ["mr/21"], {"liver": 0.92}) == {"liver": 0.92}
-    # the second fine-tune is held to the root's 0.92, not to the first fine-tune's 0.905
-    assert validation_reference(first, ["mr/21"], {"liver": 0.905}) == {"liver": 0.92}
-    assert validation_reference(first, ["mr/2"], {"liver": 0.905}) == {"liver": 0.905}  # other cases
+    assert validation_reference(root, ["mr/21"]) is None  # the first of its line: measure the base model
+    # the second fine-tune is held to the root's 0.92, not to the first fine-tune's own score
+    assert validation_reference(first, ["mr/21"]) == {"liver": 0.92}
+    assert validation_reference(first, ["mr/2"]) is None  # other cases: measure
 
 
 def test_finetune_needs_queued_cases(home, tmp_path):
@@ -223,14 +223,55 @@ def test_an_interrupted_finetune_leaves_no_version_and_the_active_one(home, tmp_
     before = {e.ref for e in catalog.list_models()}
     active = catalog.active_model("liver-mr-t2", "S").ref
 
-    def crash(*args, **kwargs):
+    measure = finetuning.evaluate_cases
+
+    def crash(model, *args, **kwargs):
+        if not model.folder.name.endswith(".partial"):
+            return measure(model, *args, **kwargs)  # the base model's scores, before training
         staged = list((home / "models" / "liver-mr-t2").glob(".*.partial"))
         assert staged and (staged[0] / catalog.CARD_NAME).exists()  # the candidate was written...
         raise RuntimeError("power cut")
 
     monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])  # no training needed here
-    monkeypatch.setattr(finetuning, "evaluate_cases", crash)  # ...and the run dies while checking it
+    monkeypatch.setattr(finetuning, "evaluate_cases", crash)  # ...and the run dies while checking the candidate
     with pytest.raises(RuntimeError, match="power cut"):
         finetune("liver-mr-t2", tmp_path / "q", study="S", device="cpu", log=lambda line: None)
     assert {e.ref for e in catalog.list_models()} == before
     assert catalog.active_model("liver-mr-t2", "S").ref == active
+
+
+def test_a_growing_queue_keeps_a_finetune_within_its_budget(home, tmp_path, sample_case, monkeypatch):
+    """The gate measures the newest queued cases that fit in the time budget (at least the newest),
+    and what was measured once (a model's Dice on a case, the hidden classes of a case) is not
+    measured again by the next fine-tune of the line."""
+    from LiverSegmentationLogic.io.volumes import crop_volume
+    from LiverSegmentationLogic.training import finetuning
+
+    image, reference = sample_case
+    queue = CaseQueue(tmp_path / "q")
+    for start in (12, 16, 20):
+        box = (slice(start, start + 4), slice(None), slice(None))
+        queue.add(crop_volume(image, box), (reference[box] == 1).astype(np.uint8), {"study": "S"})
+    newest = queue.list()[-1]["case_id"]
+    measure, measured = finetuning.evaluate_cases, []
+
+    def counting(model, cases, reference):
+        measured.append((model.folder.name.endswith(".partial"), [c.case_id for c in cases]))
+        return measure(model, cases, reference)
+
+    monkeypatch.setattr(finetuning, "evaluate_cases", counting)
+    monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])  # the schedule is under test
+    # as if the network took 10 s per slice: only the newest case fits in the gate's share of 60 s
+    monkeypatch.setattr(finetuning, "_network_seconds_per_voxel", lambda *args: 10.0 / image.array[0].size)
+    first = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=60, device="cpu", log=lambda m: None)
+    assert first.report["queued_cases"] == [f"queue/{m['case_id']}" for m in queue.list()]
+    assert first.report["evaluated_cases"] == [f"queue/{newest}"]
+    assert set(first.report["queue_after_per_case"]) == {f"queue/{newest}"}
+    assert measured == [(False, [f"queue/{newest}"]), (True, [f"queue/{newest}"])]  # base before, candidate after
+    assert first.report["time_s"]["budget"] == 60
+    assert len(list((home / "cache" / "finetuning" / "hidden").rglob("*.npz"))) == 3
+
+    measured.clear()
+    second = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=60, device="cpu", log=lambda m: None)
+    assert measured == [(True, [f"queue/{newest}"])]  # the base model's score came from the cache
+    assert second.report["queue_before_per_case"] == first.report["queue_before_per_case"]
