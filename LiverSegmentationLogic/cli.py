@@ -78,7 +78,8 @@ def _load_segmenter(args):
     from .inference.segmenter import Segmenter
     from .models.model_files import load_model
 
-    return Segmenter(load_model(args.model, study=args.model_study), device=args.device, batch_size=args.batch_size)
+    return Segmenter(load_model(args.model, study=args.model_study), device=args.device, batch_size=args.batch_size,
+                     precision=args.precision)
 
 
 def cmd_segment(args) -> int:
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--study", dest="model_study", default=None,
                        help="study / site tag: a model name resolves to the version active for that study")
         p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="arithmetic of the network: auto = bf16 on CPUs that have it natively for models "
+                            "validated in bf16 (see the model card), else fp32")
         p.add_argument("--margin-mm", type=float, default=3.0, help="erosion from the liver border for PDFF")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

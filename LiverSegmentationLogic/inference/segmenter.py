@@ -33,6 +33,32 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX-512 BF16 or AMX). Elsewhere bf16 is
+    emulated, and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_validated(card: dict) -> bool:
+    """Whether the model card records that bf16 labels were checked against fp32 and agree
+    (``scripts/validate_precision.py``)."""
+    return bool(card.get("precision", {}).get("bf16", {}).get("validated"))
+
+
+def resolve_precision(precision: str, device: torch.device, card: dict) -> str:
+    """``"auto"`` -> ``"bf16"`` on a CPU with native bf16 for a model validated in bf16, else
+    ``"fp32"``; ``"fp32"`` and ``"bf16"`` as asked (bf16 then runs wherever torch can)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and native_bf16() and bf16_validated(card) else "fp32"
+
+
 def _cancel_check(cancel) -> Callable[[], bool]:
     if cancel is None:
         return lambda: False
@@ -50,13 +76,17 @@ class Segmenter:
         batch_size: slices per forward pass.
         channels_last: use the channels-last memory format (faster for convolutions on most CPUs
             and GPUs); ``None`` picks it on CUDA and on CPU.
+        precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` (see :func:`resolve_precision`); the
+            network runs under ``torch.autocast`` in bf16, probabilities and labels stay fp32.
     """
 
-    def __init__(self, model: LoadedModel, device="auto", batch_size: int = 8, channels_last: Optional[bool] = None):
+    def __init__(self, model: LoadedModel, device="auto", batch_size: int = 8, channels_last: Optional[bool] = None,
+                 precision: str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device, model.card)
         self.batch_size = batch_size
         self.channels_last = True if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -79,7 +109,7 @@ class Segmenter:
             from ..models.model_files import load_model
 
             roi_model = load_model(model.folder / cascade.get("roi_model", "roi"), device=self.device)
-            self.roi = Segmenter(roi_model, self.device, batch_size, channels_last)
+            self.roi = Segmenter(roi_model, self.device, batch_size, channels_last, precision)
             roi_labels = [c["label"] for c in roi_model.classes if c["name"] == cascade["roi_class"]]
             if not roi_labels:
                 raise ModelLoadError(f"{model.name_version}: its first stage has no class {cascade['roi_class']!r}")
@@ -145,7 +175,7 @@ class Segmenter:
         (the panel files corrected cases by them)."""
         card = self.model.card
         return {**{k: card[k] for k in ("name", "version", "sha256")}, "task": card.get("task", card["name"]),
-                "modality": card.get("modality", "")}
+                "modality": card.get("modality", ""), "precision": self.precision}
 
     def _segment_stage(self, volumes: list[Volume], progress, is_cancelled, roi_mask=None) -> SegmentationResult:
         """This model's network over the whole of ``volumes`` (one per channel, validated)."""
@@ -160,7 +190,8 @@ class Segmenter:
         uncertainty = np.zeros(n_slices, dtype=np.int64)
         uncertain_by_label = np.zeros(256, dtype=np.int64)
         k = self.config.neighbours
-        with torch.inference_mode():
+        bf16 = self.precision == "bf16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, n_slices, self.batch_size):
                 if is_cancelled():
                     raise CancelledError(f"Segmentation cancelled after {start} of {n_slices} slices")

@@ -16,6 +16,7 @@ from .quality import quality_check
 STEATOSIS_THRESHOLD_PERCENT = 5.56
 DEFAULT_MARGIN_MM = 3.0
 UNIT_SAMPLE = 1_000_000  # map values the unit detection looks at
+MAX_BALL_VOXELS = 20_000  # erosion by a ball up to this size, beyond it by a distance map
 
 
 def label_volume_ml(labels: np.ndarray, geometry: Geometry, label: int = 1) -> float:
@@ -49,7 +50,12 @@ def detect_fat_fraction_unit(values: np.ndarray) -> Literal["percent", "fraction
 
 
 def resample_mask_to(mask: Volume, target: Geometry, target_shape: tuple[int, int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a mask onto another grid, by physical (LPS) coordinates."""
+    """Nearest-neighbour resampling of a mask onto another grid, by physical (LPS) coordinates.
+    Where the target grid is the mask's own grid shifted by whole voxels (a map from the same
+    acquisition), the mask is sliced instead."""
+    shifted = _same_grid_offset(mask.geometry, target)
+    if shifted is not None:
+        return _shifted_window(np.asarray(mask.array, dtype=bool), shifted, target_shape)
     reference = sitk.Image([int(s) for s in target_shape[::-1]], sitk.sitkUInt8)
     reference.SetSpacing(target.spacing)
     reference.SetOrigin(target.origin)
@@ -57,6 +63,27 @@ def resample_mask_to(mask: Volume, target: Geometry, target_shape: tuple[int, in
     moving = Volume(mask.array.astype(np.uint8), mask.geometry).to_sitk()
     out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out).astype(bool)
+
+
+def _same_grid_offset(source: Geometry, target: Geometry, tol: float = 1e-4) -> Optional[np.ndarray]:
+    """The (k, j, i) index of ``target``'s first voxel on ``source``'s grid, when both grids share
+    spacing and direction and that index is whole; else None."""
+    if not (np.allclose(source.spacing, target.spacing, rtol=tol, atol=0)
+            and np.allclose(source.direction, target.direction, atol=tol)):
+        return None
+    ijk = np.linalg.inv(source.index_to_lps()) @ np.array([*target.origin, 1.0])
+    whole = np.rint(ijk[:3])
+    return whole[::-1].astype(int) if np.allclose(ijk[:3], whole, atol=1e-3) else None
+
+
+def _shifted_window(array: np.ndarray, start_kji: np.ndarray, shape) -> np.ndarray:
+    """``array[start : start + shape]``, False where the window leaves the array."""
+    out = np.zeros(tuple(int(n) for n in shape), dtype=bool)
+    src = tuple(slice(max(a, 0), min(a + n, size)) for a, n, size in zip(start_kji, shape, array.shape))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start_kji))
+    if all(s.stop > s.start for s in src):
+        out[dst] = array[src]
+    return out
 
 
 def _box_around(mask: Volume, target: Geometry, target_shape) -> Optional[tuple]:
@@ -79,11 +106,27 @@ def _box_around(mask: Volume, target: Geometry, target_shape) -> Optional[tuple]
 
 
 def erode_mm(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
-    """Keep the voxels farther than ``margin_mm`` from the mask's outside (exact in mm)."""
+    """Keep the voxels farther than ``margin_mm`` from the mask's outside (exact in mm; beyond the
+    array counts as inside, as for a distance transform).
+
+    Voxels whose whole box of +-margin lies inside survive for sure (three running minima); only
+    the band left near the border is eroded with the ball of radius ``margin_mm``. The cost follows
+    the border, not the volume: the readout reruns after every edit.
+    """
     if margin_mm <= 0:
         return mask
-    depth = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
-    return depth > margin_mm
+    # offsets longer than the array never reach a voxel of it
+    radius = [min(int(np.floor(margin_mm / s)), n - 1) for s, n in zip(spacing_zyx, mask.shape)]
+    if np.prod([2 * r + 1 for r in radius]) > MAX_BALL_VOXELS:  # a margin of many voxels: the distance map is cheaper
+        return ndimage.distance_transform_edt(mask, sampling=spacing_zyx) > margin_mm
+    sure = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    for axis, r in enumerate(radius):
+        if r:
+            sure = ndimage.minimum_filter1d(sure, 2 * r + 1, axis=axis, mode="constant", cval=1)
+    band = mask & ~sure.view(bool)
+    offsets = np.meshgrid(*[np.arange(-r, r + 1) * s for r, s in zip(radius, spacing_zyx)], indexing="ij")
+    ball = sum(o**2 for o in offsets) <= margin_mm**2
+    return ndimage.binary_erosion(mask, structure=ball, mask=band, border_value=1)
 
 
 def fat_fraction_readout(
@@ -122,6 +165,7 @@ def fat_fraction_readout(
         raise FatFractionError("The liver mask is empty: nothing to measure the fat fraction in")
     if unit == "auto":
         unit = detect_fat_fraction_unit(ff_map.array)
+    liver_mask = crop_volume(liver_mask, ndimage.find_objects(np.asarray(liver_mask.array, dtype=np.uint8))[0])
     # only the map around the liver is read: the cost follows the liver, not the map (the readout
     # reruns after every edit); one voxel of padding keeps the erosion exact
     box = _box_around(liver_mask, ff_map.geometry, ff_map.array.shape)

@@ -8,6 +8,7 @@ from LiverSegmentationLogic.io.volumes import Geometry, Volume
 from LiverSegmentationLogic.readouts.measurements import (
     detect_fat_fraction_unit,
     dixon_fat_fraction,
+    erode_mm,
     fat_fraction_readout,
     label_volume_ml,
     resample_mask_to,
@@ -136,3 +137,30 @@ def test_fat_fraction_reads_only_around_the_liver_with_the_same_result(liver_and
     assert readout["median"] == pytest.approx(np.median(sample))
     assert readout["mean"] == pytest.approx(sample.mean())
     assert readout["unit"] == "percent"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_erosion_is_the_distance_map_s_in_mm(seed):
+    """The border-band erosion keeps exactly the voxels a Euclidean distance map says are deeper
+    than the margin, on anisotropic grids, for masks that touch the array's edges too."""
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((24, 50, 60)), 3) > 0.5
+    spacing = tuple(rng.uniform(0.5, 3.0, 3))
+    for margin in (0.3, 1.0, 3.0, 4.5, 200.0):
+        expected = ndimage.distance_transform_edt(mask, sampling=spacing) > margin
+        assert np.array_equal(erode_mm(mask, spacing, margin), expected), (spacing, margin)
+
+
+def test_a_map_on_the_mask_s_own_grid_is_sliced_like_a_resampling():
+    """A map from the same acquisition (same spacing and direction, shifted by whole voxels,
+    reaching past the mask's grid) gets the mask sliced, and the result equals a resampling."""
+    rng = np.random.default_rng(0)
+    geometry = Geometry((0.8, 0.9, 2.5), (10.0, -20.0, 5.0), tuple(np.eye(3)[[1, 0, 2]].ravel() * [1, 1, 1, -1, 1, 1,
+                                                                                                   1, 1, 1]))
+    mask = Volume(ndimage.gaussian_filter(rng.random((12, 30, 40)), 2) > 0.5, geometry)
+    start = np.array([-3, 5, 7])  # k, j, i of the map's first voxel on the mask's grid
+    origin = geometry.index_to_lps() @ np.array([*start[::-1], 1.0])
+    target = Geometry(geometry.spacing, tuple(origin[:3]), geometry.direction)
+    sliced = resample_mask_to(mask, target, (20, 30, 40))
+    moved = Geometry(geometry.spacing, tuple(np.array(origin[:3]) + 1e-2), geometry.direction)  # not whole voxels
+    assert sliced.sum() > 0 and np.array_equal(sliced, resample_mask_to(mask, moved, (20, 30, 40)))
