@@ -51,6 +51,7 @@ def main():
     from LiverSegmentationLogic.io.datasets import convert_chaos_ct
     from LiverSegmentationLogic.io.volumes import read_volume
     from LiverSegmentationLogic.models.model_files import load_model
+    from LiverSegmentationLogic.readouts.audit import review_record
     from LiverSegmentationLogic.studies.case_queue import CaseQueue
     from LiverSegmentationLogic.training.finetuning import finetune
 
@@ -74,12 +75,16 @@ def main():
         # LiTS: 1 liver, 2 lesion, and the liver includes its lesions; CHAOS: 1 liver (MR: then other organs)
         reference = (values >= 1 if case.startswith("lits-ct") else values == 1).astype(np.uint8)
         current = Segmenter(load_model(args.model, study=args.study), device="cpu")
-        loop = (current.segment(image).labels == 1).astype(np.uint8)
+        suggestion = current.segment(image)
+        loop = (suggestion.labels == 1).astype(np.uint8)
         plain = (base.segment(image).labels == 1).astype(np.uint8)
         rows.append((case, current.model.card["version"], effort(plain, reference), effort(loop, reference)))
         print(f"case {case}: model {rows[-1][1]}; effort without loop {rows[-1][2]}, with loop {rows[-1][3]}",
               flush=True)
-        queue.add(image, reference, {"study": args.study, "source": case})
+        # queued as the panel exports it: with the suggestion's audit and its Dice against the correction
+        review = review_record(loop, reference, image.geometry, [{"name": "liver", "label": 1}])
+        queue.add(image, reference, {"study": args.study, "source": case,
+                                     "suggestion_audit": {"model": suggestion.model}, **review})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):
             t0 = time.perf_counter()
             result = finetune(args.model, queue.folder, replay=args.data / "chaos-mr-t2", study=args.study,

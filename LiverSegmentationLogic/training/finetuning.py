@@ -118,6 +118,17 @@ class _Cache:
         known.update({self.keys[case_id]: dice for case_id, dice in scores.items()})
         self._write(path, json.dumps(known).encode())
 
+    def gate_pace(self) -> Optional[float]:
+        """Seconds per model-grid voxel the last gate on this machine took (whole pipeline)."""
+        try:
+            pace = json.loads((self.folder / "gate_pace.json").read_text())["seconds_per_voxel"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return float(pace) if isinstance(pace, (int, float)) and pace > 0 else None
+
+    def save_gate_pace(self, seconds_per_voxel: float):
+        self._write(self.folder / "gate_pace.json", json.dumps({"seconds_per_voxel": seconds_per_voxel}).encode())
+
     def _hidden_path(self, model: LoadedModel, case_id: str) -> Path:
         return self.folder / "hidden" / model.card["sha256"][:24] / f"{self.keys[case_id]}.npz"
 
@@ -144,14 +155,33 @@ class _Cache:
             pass  # a cache that cannot be written only costs time
 
 
+def _suggestion_scores(model: LoadedModel, cases: list[CaseFiles], records: list[dict]) -> dict[str, dict]:
+    """Queue case id -> Dice per class of ``model``'s own suggestion against the correction, for the
+    cases whose export says the suggestion came from ``model`` (the panel records its audit and
+    Dice): what the gate would measure, measured already."""
+    names = [c["name"] for c in model.classes]
+    scores = {}
+    for case, meta in zip(cases, records):
+        made_by = ((meta.get("suggestion_audit") or {}).get("model") or {}).get("sha256")
+        dice = meta.get("suggestion_dice")
+        if made_by == model.card["sha256"] and isinstance(dice, dict) and all(
+                isinstance(dice.get(n), (int, float)) for n in names):
+            scores[case.case_id] = {n: float(dice[n]) for n in names}
+    return scores
+
+
 def _case_key(meta: dict) -> str:
     return f"{meta['case_id']}-{meta['image_sha256'][:12]}-{meta['label_sha256'][:12]}"
 
 
+def _origin_version(card: dict) -> str:
+    """The bundled or trained version a (fine-tuned) version descends from: 2.0.0+TRIAL7-ft2 -> 2.0.0."""
+    return str(card["version"]).split("+")[0].split("-")[0]
+
+
 def _line_origin(model: LoadedModel) -> LoadedModel:
-    """The first model of ``model``'s line (the bundled or trained version its fine-tunes descend
-    from); the model itself where that version is not to be found."""
-    origin = str(model.card["version"]).split("+")[0].split("-")[0]
+    """The first model of ``model``'s line; the model itself where that version is not to be found."""
+    origin = _origin_version(model.card)
     if origin == model.card["version"]:
         return model
     try:
@@ -168,8 +198,9 @@ def _mean(scores: dict) -> float:
 MIN_TRAIN_SHARE = 0.4
 #: seconds kept free at the end of the budget for writing the new version
 SAVE_RESERVE_S = 5.0
-#: a whole-pipeline evaluation costs about this much more than the network pass alone
-PIPELINE_OVERHEAD = 1.25
+#: a whole-pipeline evaluation costs about this much more than the network pass alone (reading,
+#: probabilities back onto a CT's 512 x 512 grid, postprocessing): the gate's pace until one was measured
+PIPELINE_OVERHEAD = 2.0
 
 
 def finetune(
@@ -190,9 +221,10 @@ def finetune(
 
     The whole run (reading the cases, training, the validation gate) keeps to ``time_budget_s``,
     however long the queue grows: what a model scored on a queued case, and the hidden classes
-    of each case, are cached; the gate measures the newest queued cases that fit in the budget
-    (at least the newest one) and training gets the rest, never less than
-    :data:`MIN_TRAIN_SHARE` of the budget.
+    of each case, are cached; training gets what is left after reading the cases and the time
+    the gate needs for the base validation set and the newest queued case (never less than
+    :data:`MIN_TRAIN_SHARE` of the budget); the gate then measures the queued cases newest first
+    while the budget lasts.
 
     Args:
         base: model reference (name, name@version or folder).
@@ -259,33 +291,18 @@ def finetune(
         if validation_before is None:
             validation_before = evaluate_cases(model, validation_cases, reference)["mean_dice"]
         report["base_validation_before"] = validation_before
-    # one replay case stands for the cost of one validation case (same dataset)
+    # the gate's pace: as measured by the last gate here, else guessed from the network's
+    gate_pace = cache.gate_pace() or PIPELINE_OVERHEAD * seconds_per_voxel
+    # one replay case stands for one validation case (same dataset)
     replay_voxels = [case.image.size for case in cases[len(queued_cases):]] or [0]
-    validation_cost = PIPELINE_OVERHEAD * seconds_per_voxel * float(np.mean(replay_voxels)) * len(validation_cases)
-
-    # the gate: the newest queued cases whose evaluation (before, where not cached, and after) fits
-    known_before = cache.scores(model)
-    evaluation_budget = (time_budget_s * (1.0 - MIN_TRAIN_SHARE) - (time.perf_counter() - t_start)
-                         - validation_cost - SAVE_RESERVE_S)
-    evaluated, planned = [], 0.0
-    for case_files, case in reversed(list(zip(queued_cases, cases))):
-        passes = 1 if case_files.case_id in known_before else 2  # after, and before where not known
-        cost = PIPELINE_OVERHEAD * seconds_per_voxel * case.image.size * passes
-        if evaluated and planned + cost > evaluation_budget:
-            break
-        evaluated.append(case_files)
-        planned += cost
-    if len(evaluated) < len(queued_cases):
-        log(f"the gate measures the newest {len(evaluated)} of {len(queued_cases)} queued cases (time budget)")
-    before = {c: known_before[c] for c in report["queued_cases"] if c in known_before}
-    missing = [c for c in evaluated if c.case_id not in before]
-    if missing:
-        before.update(evaluate_cases(model, missing, written)["per_case_dice"])
-        cache.save_scores(model, before)
-    after_cost = PIPELINE_OVERHEAD * seconds_per_voxel * sum(c.image.size for f, c in zip(queued_cases, cases)
-                                                             if f in evaluated)
+    validation_voxels = float(np.mean(replay_voxels)) * len(validation_cases)
+    # the gate's 'before': the base model's own suggestions (the export records their Dice), else
+    # what it scored in an earlier fine-tune; what is missing is measured in the gate
+    known_before = {**_suggestion_scores(model, queued_cases, records), **cache.scores(model)}
+    newest_voxels = cases[len(queued_cases) - 1].image.size * (1 if queued_cases[-1].case_id in known_before else 2)
+    gate_cost = gate_pace * (validation_voxels + newest_voxels)
     prepared_s = time.perf_counter() - t_start
-    train_budget = max(time_budget_s - prepared_s - after_cost - validation_cost - SAVE_RESERVE_S,
+    train_budget = max(time_budget_s - prepared_s - gate_cost - SAVE_RESERVE_S,
                        MIN_TRAIN_SHARE * time_budget_s)
     log(f"fine-tuning {model.name_version} on {len(queued_cases)} queued + {len(replayed)} replay case(s), "
         f"{train_budget:.0f}s of training")
@@ -296,8 +313,7 @@ def finetune(
     losses = train_network(network, cases, model.preprocess, train, log=log)
     train_s = time.perf_counter() - t_start - prepared_s
 
-    base_version = str(card["version"]).split("+")[0].split("-")[0]  # the bundled/trained version it descends from
-    version, folder = new_version_folder(card["name"], base_version, "ft", study=study)
+    version, folder = new_version_folder(card["name"], _origin_version(card), "ft", study=study)
     # built in a hidden staging folder and renamed at the end: a cancelled or failed run leaves no
     # version behind, and the registry never lists one without its validation
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
@@ -306,18 +322,24 @@ def finetune(
     candidate = load_model(staging)
 
     t_gate = time.perf_counter()
-    after = evaluate_cases(candidate, evaluated, written)["per_case_dice"]
+    if validation_cases:
+        report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
+    deadline = t_start + time_budget_s - SAVE_RESERVE_S
+    before, after, measured_voxels = _measure_newest_first(model, candidate, list(zip(queued_cases, cases)),
+                                                           known_before, written, deadline)
+    cache.save_scores(model, before)
     cache.save_scores(candidate, after)
+    cache.save_gate_pace((time.perf_counter() - t_gate) / (validation_voxels + measured_voxels))
+    if len(after) < len(queued_cases):
+        log(f"the gate measured the newest {len(after)} of {len(queued_cases)} queued cases (time budget)")
     names = [c["name"] for c in card["classes"]]
     report.update(
-        evaluated_cases=[c.case_id for c in evaluated],  # newest first
+        evaluated_cases=list(after),  # newest first
         queue_before=_mean_per_class({c: before[c] for c in after}, names),
         queue_after=_mean_per_class(after, names),
         queue_before_per_case={c: before[c] for c in after},
         queue_after_per_case=after,
     )
-    if validation_cases:
-        report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
     total_s = time.perf_counter() - t_start
     report["time_s"] = {"budget": time_budget_s, "total": round(total_s, 1), "preparation": round(prepared_s, 1),
                         "training": round(train_s, 1), "validation": round(time.perf_counter() - t_gate, 1)}
@@ -351,6 +373,28 @@ def finetune(
     log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason} "
         f"({total_s:.0f}s of a {time_budget_s:.0f}s budget)")
     return FinetuneResult(load_model(folder), promoted, reason, report)
+
+
+def _measure_newest_first(model: LoadedModel, candidate: LoadedModel, queued: list[tuple[CaseFiles, TrainingCase]],
+                          known_before: dict, written: dict, deadline: float) -> tuple[dict, dict, int]:
+    """Dice per class of the base model (where not known) and of the candidate on the queued
+    cases, newest first, as long as the next case fits before ``deadline`` (at the pace of those
+    measured so far; the newest case always). Returns (before, after) by case id, and the
+    model-grid voxels segmented."""
+    before = {c.case_id: known_before[c.case_id] for c, _ in queued if c.case_id in known_before}
+    after: dict[str, dict] = {}
+    seconds, voxels = 0.0, 0
+    for case_files, case in reversed(queued):
+        passes = 1 if case_files.case_id in before else 2
+        if after and time.perf_counter() + seconds / voxels * case.image.size * passes > deadline:
+            break
+        t0 = time.perf_counter()
+        if case_files.case_id not in before:
+            before.update(evaluate_cases(model, [case_files], written)["per_case_dice"])
+        after.update(evaluate_cases(candidate, [case_files], written)["per_case_dice"])
+        seconds += time.perf_counter() - t0
+        voxels += case.image.size * passes
+    return before, after, voxels
 
 
 def _network_seconds_per_voxel(model: LoadedModel, cases: list[TrainingCase], measured_s: float) -> float:

@@ -241,8 +241,8 @@ def test_an_interrupted_finetune_leaves_no_version_and_the_active_one(home, tmp_
 
 
 def test_a_growing_queue_keeps_a_finetune_within_its_budget(home, tmp_path, sample_case, monkeypatch):
-    """The gate measures the newest queued cases that fit in the time budget (at least the newest),
-    and what was measured once (a model's Dice on a case, the hidden classes of a case) is not
+    """The gate measures the queued cases newest first while the time budget lasts (the newest
+    always), and what was measured once (a model's Dice on a case, the hidden classes of a case) is not
     measured again by the next fine-tune of the line."""
     from LiverSegmentationLogic.io.volumes import crop_volume
     from LiverSegmentationLogic.training import finetuning
@@ -261,17 +261,41 @@ def test_a_growing_queue_keeps_a_finetune_within_its_budget(home, tmp_path, samp
 
     monkeypatch.setattr(finetuning, "evaluate_cases", counting)
     monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])  # the schedule is under test
-    # as if the network took 10 s per slice: only the newest case fits in the gate's share of 60 s
-    monkeypatch.setattr(finetuning, "_network_seconds_per_voxel", lambda *args: 10.0 / image.array[0].size)
-    first = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=60, device="cpu", log=lambda m: None)
+    # a budget that is spent before the gate: it measures the newest case all the same, and no other
+    first = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=6, device="cpu", log=lambda m: None)
     assert first.report["queued_cases"] == [f"queue/{m['case_id']}" for m in queue.list()]
     assert first.report["evaluated_cases"] == [f"queue/{newest}"]
     assert set(first.report["queue_after_per_case"]) == {f"queue/{newest}"}
     assert measured == [(False, [f"queue/{newest}"]), (True, [f"queue/{newest}"])]  # base before, candidate after
-    assert first.report["time_s"]["budget"] == 60
+    assert first.report["time_s"]["budget"] == 6
     assert len(list((home / "cache" / "finetuning" / "hidden").rglob("*.npz"))) == 3
 
     measured.clear()
-    second = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=60, device="cpu", log=lambda m: None)
+    second = finetune("liver-mr-t2", queue.folder, study="S", time_budget_s=6, device="cpu", log=lambda m: None)
     assert measured == [(True, [f"queue/{newest}"])]  # the base model's score came from the cache
     assert second.report["queue_before_per_case"] == first.report["queue_before_per_case"]
+
+
+def test_the_gate_takes_the_suggestion_s_dice_from_the_export(home, tmp_path, sample_case, monkeypatch):
+    """A case exported from the panel records the model that made the suggestion and the Dice of
+    that suggestion against the correction: the gate's 'before' score, without segmenting again."""
+    from LiverSegmentationLogic.io.volumes import crop_volume
+    from LiverSegmentationLogic.training import finetuning
+
+    image, reference = sample_case
+    box = (slice(14, 18), slice(None), slice(None))
+    base = load_model("liver-mr-t2")
+    export = {"study": "S", "suggestion_audit": {"model": {"sha256": base.card["sha256"]}},
+              "suggestion_dice": {"liver": 0.5}}
+    CaseQueue(tmp_path / "q").add(crop_volume(image, box), (reference[box] == 1).astype(np.uint8), export)
+    measure, measured = finetuning.evaluate_cases, []
+
+    def counting(model, cases, reference):
+        measured.append(model.folder.name.endswith(".partial"))
+        return measure(model, cases, reference)
+
+    monkeypatch.setattr(finetuning, "evaluate_cases", counting)
+    monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])
+    result = finetune("liver-mr-t2", tmp_path / "q", study="S", device="cpu", log=lambda m: None)
+    assert measured == [True]  # only the candidate was segmented
+    assert list(result.report["queue_before_per_case"].values()) == [{"liver": 0.5}]
