@@ -53,19 +53,59 @@ class _ProgressLines:
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from .studies.batch import find_cases, run_batch
+    import uuid
+
+    from .studies.batch import find_cases, local_segment, run_batch
 
     total = len(find_cases(Path(args.study)))
     if total == 0:
         raise LiverSegError(f"No scans (NIfTI, NRRD, MHA or DICOM folders) found under {args.study}")
     bar = tqdm(total=total, unit="case", file=sys.stderr, disable=args.quiet)
+    counts = {"in flight": 0, "failed": 0}
+    remote = None
+    if args.server:
+        from .remote.batch_client import RemoteSegment
+
+        with _client(args) as probe:
+            workers = int(probe.info()["workers"])
+        in_flight = args.in_flight or max(1, workers)
+        session = f"batch-{uuid.uuid4().hex[:12]}"  # the batch's sockets are one client for the server
+        remote = segment = RemoteSegment(lambda: _client(args, session), study=args.model_study,
+                                         margin_mm=args.margin_mm,
+                                         log=lambda line: bar.write(line, file=sys.stderr))
+        bar.write(f"{args.server}: {workers} worker(s), {in_flight} case(s) in flight", file=sys.stderr)
+    else:
+        in_flight = args.in_flight or 1
+        segment = local_segment(_load_segmenter(args))
+
+    def show():
+        retried = f", {remote.retried} retried" if remote is not None and remote.retried else ""
+        bar.set_postfix_str(f"{counts['in flight']} in flight, {counts['failed']} failed{retried}")
+
+    def on_start(case):
+        counts["in flight"] += 1
+        show()
 
     def on_case(row):
+        if not row["status"].startswith("done (skipped"):
+            counts["in flight"] -= 1
+        counts["failed"] += row["status"].startswith("failed")
+        show()
         bar.update(1)
         review = f" - needs review: {row['quality_reasons']}" if row.get("quality") == "needs review" else ""
         bar.write(f"{row['case']}: {row['status']}{review}", file=sys.stderr)
 
-    rows = run_batch(Path(args.study), Path(args.output), _load_segmenter(args), on_case=on_case)
+    try:
+        rows = run_batch(Path(args.study), Path(args.output), segment, on_case=on_case, in_flight=in_flight,
+                         on_start=on_start)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: the cases in flight were cancelled; finished ones are kept in {args.output} "
+              "(run the same command again to go on)", file=sys.stderr)
+        raise
+    finally:
+        if remote is not None:
+            remote.close()
     bar.close()
     failed = [r for r in rows if r["status"].startswith("failed")]
     flagged = [r for r in rows if r.get("quality") == "needs review"]
@@ -86,7 +126,6 @@ def cmd_segment(args) -> int:
     from .readouts.audit import write_audit
     from .io.volumes import read_volume, split_image_suffix
     from .inference.pipeline import format_readout, segment_case, write_segmentation
-    from .inference.overlay import overlay_mosaic
 
     channels = [read_volume(path) for path in args.input]
     ff_map = read_volume(args.ff, validate=False) if args.ff else None
@@ -109,6 +148,8 @@ def cmd_segment(args) -> int:
     print(f"slices to check (axial, most uncertain first): {', '.join(map(str, check)) or 'none'}")
     print(f"segmentation written to {written}\naudit record written to {audit}")
     if args.png:
+        from .inference.overlay import overlay_mosaic  # Pillow only when a mosaic is asked for
+
         print(f"QA mosaic written to {overlay_mosaic(channels[0], result.labels, result.classes, args.png)}")
     if args.json:
         Path(args.json).write_text(json.dumps(readout, indent=2) + "\n")
@@ -116,7 +157,7 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _client(args):
+def _client(args, session=None):
     from .remote.client import InferenceClient
 
     curve = {}
@@ -127,7 +168,7 @@ def _client(args):
             curve_server_key=zmq.auth.load_certificate(args.curve_server_key)[0],
             curve_client_cert=args.curve_client_cert,
         )
-    return InferenceClient(args.server, connect_timeout_s=args.timeout, **curve)
+    return InferenceClient(args.server, connect_timeout_s=args.timeout, session=session, **curve)
 
 
 def cmd_serve(args) -> int:
@@ -371,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--margin-mm", type=float, default=3.0, help="erosion from the liver border for PDFF")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    def server_options(p):
+        p.add_argument("--server", help="run on a remote inference server, e.g. tcp://gpu-host:5555")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
+        p.add_argument("--curve-server-key", help="the server's public certificate (CurveZMQ)")
+        p.add_argument("--curve-client-cert", help="this client's secret certificate (CurveZMQ)")
+
     p = sub.add_parser("segment", help="segment a scan and print the readouts")
     p.add_argument("input", nargs="+",
                    help="NIfTI/NRRD/MHA file or DICOM series folder; one per channel for multi-channel tasks")
@@ -379,10 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ff-unit", choices=["auto", "percent", "fraction"], default="auto")
     p.add_argument("--png", help="write a QA mosaic PNG here")
     p.add_argument("--json", help="write the readouts as JSON here")
-    p.add_argument("--server", help="run on a remote inference server, e.g. tcp://gpu-host:5555")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
-    p.add_argument("--curve-server-key", help="the server's public certificate (CurveZMQ)")
-    p.add_argument("--curve-client-cert", help="this client's secret certificate (CurveZMQ)")
+    server_options(p)
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total stage' lines")
     model_options(p)
     p.set_defaults(func=cmd_segment)
@@ -437,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="segment every scan of a study folder; resumable")
     p.add_argument("study", help="folder searched recursively for NIfTI/NRRD/MHA files and DICOM folders")
     p.add_argument("-o", "--output", required=True, help="results folder (per-case folders + results.csv)")
+    server_options(p)
+    p.add_argument("--in-flight", type=int, default=0, metavar="N",
+                   help="cases worked on at once (default: the server's worker count; 1 locally)")
     model_options(p)
     p.set_defaults(func=cmd_batch)
 

@@ -53,6 +53,7 @@ def segment_case(
             "slices_to_check": flagged,  # axial slice indices, most uncertain first
             "uncertain_voxels": [int(result.slice_uncertainty[z]) for z in flagged],
             "positions_lps": [positions[z].tolist() for z in flagged],
+            "uncertain_voxels_total": int(result.slice_uncertainty.sum()),
         }
     result.timings["readout"] = time.perf_counter() - t0
     readout["timings"] = dict(result.timings)

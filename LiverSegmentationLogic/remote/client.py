@@ -43,6 +43,8 @@ class InferenceClient:
         compression: image buffer compression, ``"none"`` or ``"zlib"``.
         curve_server_key / curve_client_cert: the server's public key and this client's secret
             certificate file, to talk to a CurveZMQ-secured server.
+        session: a name the clients of one job share (the threads of a batch), so that the server
+            counts them as one client for its limits and fair share (with CurveZMQ the key does).
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class InferenceClient:
         compression: str = "none",
         curve_server_key: Optional[bytes] = None,
         curve_client_cert: Optional[str] = None,
+        session: Optional[str] = None,
     ):
         self.address = address
+        self.session = session
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.retries = retries
@@ -114,7 +118,7 @@ class InferenceClient:
         request_id = self.last_request_id = uuid.uuid4().hex
         descs, buffers = [a[0] for a in arrays], [a[1] for a in arrays]
         header = {"protocol": PROTOCOL_VERSION, "op": op, "id": request_id, "arrays": descs,
-                  "options": options or {}, **(extra or {})}
+                  "options": options or {}, **({"session": self.session} if self.session else {}), **(extra or {})}
         frames = pack(header, buffers)
         limit = (self.server_info or {}).get("max_message_bytes")
         size = sum(len(memoryview(f).cast("B")) for f in frames)

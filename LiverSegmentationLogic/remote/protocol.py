@@ -230,6 +230,9 @@ def check_request(header: dict, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> N
             raise ProtocolError(f"'{op}' needs a 'target' request id (a string of 1-{MAX_NAME_CHARS} characters)")
     if not isinstance(header.get("options", {}), dict):
         raise ProtocolError("'options' must be a JSON object")
+    session = header.get("session")
+    if session is not None and not (isinstance(session, str) and 0 < len(session) <= MAX_NAME_CHARS):
+        raise ProtocolError(f"'session' must be a string of 1-{MAX_NAME_CHARS} characters")
     arrays = header.get("arrays", [])
     if not isinstance(arrays, list) or len(arrays) > MAX_ARRAYS:
         raise ProtocolError(f"'arrays' must be a list of at most {MAX_ARRAYS} descriptors")

@@ -254,6 +254,8 @@ class InferenceServer:
         self.workers: dict[str, _Worker] = {}
         self.free: deque[str] = deque()
         self.queue: deque[_Job] = deque()
+        self._served: dict[bytes, int] = {}  # owner -> when a worker last took one of its jobs (a count)
+        self._dispatched = 0
         self.submitting: dict[bytes, _Job] = {}  # by token, until the writer thread answers
         self._spawned = 0
         self._failed_starts = 0  # workers that died before becoming ready, in a row
@@ -379,12 +381,23 @@ class InferenceServer:
             "limits": dict(self.limits),
         }
 
-    def _owner(self, identity_frame) -> bytes:
+    def _curve_key(self, identity_frame) -> Optional[bytes]:
+        """The client's CurveZMQ public key (None without CurveZMQ)."""
         if self.client_curve:
             try:
-                return identity_frame.get("User-Id").encode()  # the client's public key
+                return identity_frame.get("User-Id").encode()
             except (zmq.ZMQError, AttributeError):
                 pass
+        return None
+
+    def _owner(self, identity_frame, header: dict) -> bytes:
+        """Who a request counts against (limits, fair share): the client's CurveZMQ key; without
+        CurveZMQ the session it names (the sockets of one batch share one), else its connection."""
+        key = self._curve_key(identity_frame)
+        if key is not None:
+            return key
+        if header.get("session"):
+            return b"session:" + header["session"].encode()
         return identity_frame.bytes
 
     def _on_frontend(self):
@@ -424,7 +437,7 @@ class InferenceServer:
         elif op == "segment" and self._failed_starts >= MAX_FAILED_STARTS and not self.free:
             self._reply(client, error_header(request_id, "WorkerStartError", self._broken_message()))
         else:
-            job = _Job(client, self._owner(identity), request_id, frames, size)
+            job = _Job(client, self._owner(identity, header), request_id, frames, size)
             busy = self._admission_refusal(job)
             if busy:
                 log.warning("request %s refused: %s", request_id, busy)
@@ -498,7 +511,7 @@ class InferenceServer:
 
     # ---------------------------------------------------------------- models and fine-tuning
     def _is_trainer(self, identity) -> bool:
-        return self.client_curve and self._owner(identity) in self.trainer_keys
+        return self._curve_key(identity) in self.trainer_keys  # a key, never a name a client chose
 
     def _model_op(self, client: bytes, identity, header: dict):
         """models (anyone), and for trainers only: train, train_cancel, activate, rollback."""
@@ -647,10 +660,22 @@ class InferenceServer:
             worker = self.workers.get(name)
             if worker is None or worker.job is not None:
                 continue
-            job = self.queue.popleft()
+            job = self._next_job()
             worker.job = job
             if self._send_worker(worker, [JOB, job.token, *job.frames]):
                 job.frames = None  # the broker no longer needs the bytes
+
+    def _next_job(self) -> _Job:
+        """The waiting job of the client served longest ago, first come first served within a
+        client: a client that keeps many requests waiting (a batch) cannot starve another."""
+        job = min(self.queue, key=lambda j: self._served.get(j.owner, -1))  # min keeps the first of equals
+        self.queue.remove(job)
+        self._dispatched += 1
+        self._served[job.owner] = self._dispatched
+        if len(self._served) > 1024:  # forget clients with nothing waiting (new connections keep coming)
+            waiting = {j.owner for j in self.queue}
+            self._served = {owner: n for owner, n in self._served.items() if owner in waiting}
+        return job
 
     def _heartbeat(self):
         now = time.monotonic()

@@ -14,15 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import re
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..readouts.audit import write_audit
 from ..readouts.quality import NEEDS_REVIEW
-from ..errors import LiverSegError
-from ..inference.guidance import slices_to_check
-from ..io.volumes import IMAGE_SUFFIXES, read_volume, split_image_suffix
+from ..errors import CancelledError, LiverSegError
+from ..io.volumes import IMAGE_SUFFIXES, Volume, read_volume, split_image_suffix
 from ..inference.pipeline import segment_case, write_segmentation
 from ..inference.overlay import overlay_mosaic
 
@@ -55,38 +56,90 @@ def find_cases(study: Path) -> list[dict]:
     return cases
 
 
-def run_batch(study: Path, out: Path, segmenter, on_case: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """Segment every case; returns the table rows (also written to ``out/results.csv``)."""
+#: segment(volume, ff_map, source, cancel) -> (SegmentationResult, readout): how a case is
+#: segmented (locally, or on an inference server); called from several threads at once when
+#: cases are kept in flight
+SegmentFunction = Callable[[Volume, Optional[Volume], str, threading.Event], tuple]
+
+
+def local_segment(segmenter) -> SegmentFunction:
+    """Segment on this machine with ``segmenter`` (one case at a time)."""
+
+    def segment(volume, ff_map, source, cancel):
+        return segment_case(segmenter, volume, ff_map, source=source, cancel=cancel)
+
+    return segment
+
+
+def run_batch(study: Path, out: Path, segment: SegmentFunction, on_case: Optional[Callable[[dict], None]] = None,
+              in_flight: int = 1, on_start: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Segment every case; returns the table rows (also written to ``out/results.csv``).
+
+    Args:
+        segment: a :data:`SegmentFunction` (:func:`local_segment`, or the server's
+            ``remote.batch_client.RemoteSegment``).
+        in_flight: cases worked on at once (reading, segmenting, writing overlap); more than one
+            pays when ``segment`` runs elsewhere (an inference server with several workers).
+        on_start: called with a case (see :func:`find_cases`) when it starts.
+        on_case: called with a case's table row when it ends (both from the calling thread).
+
+    Ctrl-C (KeyboardInterrupt) cancels the cases in flight, keeps what is finished (a re-run
+    skips it) and is raised again.
+    """
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case in find_cases(study):
-        folder = out / case["case"]
-        done = folder / "row.json"
-        if done.exists():
-            row = dict(json.loads(done.read_text()), status="done (skipped, already finished)")
-        else:
-            row = _run_case(case, folder, segmenter)
-        rows.append(row)
-        _write_table(out / "results.csv", rows)  # kept current, so an interrupted batch keeps its table
+    cases = find_cases(study)
+    rows: list[Optional[dict]] = [None] * len(cases)
+    cancel = threading.Event()
+
+    def finished(index: int, row: dict):
+        rows[index] = row
+        _write_table(out / "results.csv", [r for r in rows if r is not None])  # kept current
         if on_case:
             on_case(row)
-    return rows
+
+    pending = []
+    for index, case in enumerate(cases):
+        done = out / case["case"] / "row.json"
+        if done.exists():
+            finished(index, dict(json.loads(done.read_text()), status="done (skipped, already finished)"))
+        else:
+            pending.append(index)
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="liverseg-batch") as pool:
+        running = {}
+        try:
+            while pending or running:
+                while pending and len(running) < in_flight:
+                    index = pending.pop(0)
+                    if on_start:
+                        on_start(cases[index])
+                    running[pool.submit(_run_case, cases[index], out / cases[index]["case"], segment, cancel)] = index
+                finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished_now:
+                    finished(running.pop(future), future.result())
+        except KeyboardInterrupt:
+            cancel.set()  # the cases in flight stop (a remote one is cancelled on the server)
+            wait(running)
+            raise
+    return [r for r in rows if r is not None]
 
 
-def _run_case(case: dict, folder: Path, segmenter) -> dict:
+def _run_case(case: dict, folder: Path, segment, cancel: threading.Event) -> dict:
     t0 = time.perf_counter()
     row = {"case": case["case"], "source": str(case["source"]), "ff_map": str(case["ff"] or "")}
     try:
         volume = read_volume(case["source"])
         ff_map = read_volume(case["ff"], validate=False) if case["ff"] else None
-        result, readout = segment_case(segmenter, volume, ff_map, source=str(case["source"]))
+        result, readout = segment(volume, ff_map, str(case["source"]), cancel)
         folder.mkdir(parents=True, exist_ok=True)
         write_segmentation(folder / "segmentation.seg.nrrd", result)
         overlay_mosaic(volume, result.labels, result.classes, folder / "qa.png")
         (folder / "readout.json").write_text(json.dumps(readout, indent=2) + "\n")
         write_audit(folder / "audit.json", readout["audit"])
         ff = readout["fat_fraction"] or {}
+        review = readout.get("review", {})
         row.update(
             status="done",
             quality=readout["quality"]["status"],
@@ -97,14 +150,16 @@ def _run_case(case: dict, folder: Path, segmenter) -> dict:
             steatosis=("yes" if ff["steatosis"] else "no") if ff else "",
             model=result.model["name"],
             model_version=result.model["version"],
-            uncertain_voxels=int(result.slice_uncertainty.sum()),
-            slices_to_check=";".join(map(str, slices_to_check(result.slice_uncertainty))),
+            uncertain_voxels=review.get("uncertain_voxels_total", ""),
+            slices_to_check=";".join(map(str, review.get("slices_to_check", []))),
             seconds=round(time.perf_counter() - t0, 2),
             input_sha256=readout["audit"]["input"]["sha256"],
             segmentation_sha256=readout["audit"]["segmentation_sha256"],
             weights_sha256=result.model["sha256"],
         )
         (folder / "row.json").write_text(json.dumps(row, indent=2) + "\n")  # written last: the case is done
+    except CancelledError:
+        row.update(status="cancelled (not finished; a re-run does it)", seconds=round(time.perf_counter() - t0, 2))
     except Exception as exc:  # one bad case must not stop a study; its row says why
         kind = "" if isinstance(exc, LiverSegError) else f"{type(exc).__name__}: "
         message = (str(exc).strip().splitlines() or [""])[0]
