@@ -119,8 +119,10 @@ def test_a_busy_server_is_waited_for_not_counted_as_a_failure(monkeypatch):
 
 def test_ctrl_c_cancels_the_cases_in_flight_on_the_server(study, tmp_path, server):  # noqa: F811
     out = tmp_path / "out"
+    # SIGINT as at a terminal: a shell's background job (CI may be one) starts with it ignored
     batch = subprocess.Popen([sys.executable, "-m", "LiverSegmentationLogic.cli", "batch", str(study), "-o", str(out),
-                              "-q", "--server", server], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "-q", "--server", server], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     with InferenceClient(server) as client:
         deadline = time.monotonic() + 60
         while client.info()["busy"] == 0:  # a case reached a worker
