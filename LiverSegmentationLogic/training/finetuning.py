@@ -89,8 +89,9 @@ def _queued_training_case(origin: LoadedModel, case: CaseFiles, cache: "_Cache")
 
 
 class _Cache:
-    """What fine-tunes of a line keep computing again: each model's Dice on each queued case, and
-    the hidden classes the line's first model predicts in each queued case. Kept under
+    """What fine-tunes of a line keep computing again: each model's Dice on each queued case, the
+    hidden classes the line's first model predicts in each queued case, and the pace of the last
+    gate on this machine. Kept under
     ``<home>/cache/finetuning``, keyed by the model's weights hash and the case's id and hashes (a
     case replaced under the same id is another case). Losing it costs time, never correctness."""
 
