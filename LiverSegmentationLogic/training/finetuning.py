@@ -264,7 +264,6 @@ def finetune(
         case, seconds = _queued_training_case(origin, case_files, cache)
         cases.append(case)
         network_seconds += seconds
-    seconds_per_voxel = _network_seconds_per_voxel(model, cases, network_seconds)
 
     validation_cases: list[CaseFiles] = []  # empty without replay data
     replayed: list[CaseFiles] = []
@@ -293,7 +292,8 @@ def finetune(
             validation_before = evaluate_cases(model, validation_cases, reference)["mean_dice"]
         report["base_validation_before"] = validation_before
     # the gate's pace: as measured by the last gate here, else guessed from the network's
-    gate_pace = cache.gate_pace() or PIPELINE_OVERHEAD * seconds_per_voxel
+    gate_pace = cache.gate_pace() or PIPELINE_OVERHEAD * _network_seconds_per_voxel(
+        model, cases[:len(queued_cases)], network_seconds)
     # one replay case stands for one validation case (same dataset)
     replay_voxels = [case.image.size for case in cases[len(queued_cases):]] or [0]
     validation_voxels = float(np.mean(replay_voxels)) * len(validation_cases)
