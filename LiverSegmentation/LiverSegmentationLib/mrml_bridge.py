@@ -190,6 +190,12 @@ def save_table(table_node, path) -> None:
         slicer.mrmlScene.RemoveNode(storage)
 
 
+def jump_to(scene, position_lps: Sequence[float]):
+    """Centre every slice view of the scene on a point (LPS, as the core reports positions)."""
+    x, y, z = (float(v) for v in position_lps)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, -x, -y, z, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
 # ----------------------------------------------------------------------------- the suggestion
 SUGGESTION_ROLE = "LiverSegmentationSuggestion"
 

@@ -216,6 +216,7 @@ class PanelController:
         self.task = None
         self._task_kind = None
         self.task_result = None
+        self.task_outcome: Optional[tuple] = None  # (kind, DONE/FAILED/CANCELLED, result or error) of the last task
         # adapting the model to the study: a fine-tune (local process or the server's) and its last status
         self.finetune = None
         self.finetune_status: Optional[dict] = None
@@ -360,10 +361,10 @@ class PanelController:
         # on the GUI thread: what needs MRML (the labels, the map); the arithmetic runs in a thread
         labels = bridge.labels_from_segmentation(segmentation, input_node, classes)
         geometry = bridge.geometry_from_volume_node(input_node)
-        ff_map, unit = self._fat_fraction_map(ff_node)
+        ff_map, unit = self.fat_fraction_map(ff_node)
         return ThreadJob(segmentation_readouts, labels, geometry, classes, ff_map, self.settings["marginMm"], unit)
 
-    def _fat_fraction_map(self, ff_node):
+    def fat_fraction_map(self, ff_node):
         """The map as a Volume and its unit, read once per map (not once per stroke)."""
         if ff_node is None:
             return None, "auto"
@@ -386,6 +387,7 @@ class PanelController:
         if self.task is not None:
             raise PanelError("another task is still running")
         self.task, self._task_kind, self.task_result = ThreadJob(work, *args, **kwargs), kind, None
+        self.task_outcome = None
 
     def _tick_task(self):
         if self.task is None:
@@ -394,6 +396,7 @@ class PanelController:
         if not self.task.finished:
             return
         task, kind, self.task = self.task, self._task_kind, None
+        self.task_outcome = (kind, task.state, task.result if task.state == DONE else task.error)
         if task.state != DONE:
             self.status = f"{kind} failed: {task.error}"
             return
