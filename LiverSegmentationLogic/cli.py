@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -48,6 +50,38 @@ class _ProgressLines:
 
     def close(self):
         pass
+
+
+def cmd_review(args) -> int:
+    try:
+        from LiverSegmentationReview.app import serve
+    except ImportError as exc:
+        print(f"error: liverseg review needs the review extra ({exc}): pip install -e \".[review]\"", file=sys.stderr)
+        return 2
+    study = Path(args.study).resolve()
+    if not study.is_dir():
+        print(f"error: {study} is not a folder", file=sys.stderr)
+        return 2
+    out = Path(args.output) if args.output else study.with_name(study.name + "-results")
+    settings = {"backend": "Remote" if args.server else "Local", "study": args.study_tag,
+                "operatorName": args.operator}
+    if args.server:
+        settings["serverAddress"] = args.server
+    if args.model:
+        settings["model"] = args.model
+    if args.queue:
+        settings["queueFolder"] = str(Path(args.queue).resolve())
+    host, token = ("0.0.0.0", secrets.token_urlsafe(24)) if args.network else ("127.0.0.1", None)
+    if args.network:
+        print("warning: serving every network interface; anyone with the address below (and its token) can see "
+              "and change this study's results", file=sys.stderr)
+
+    def announce(port):
+        where = socket.gethostname() if args.network else "127.0.0.1"
+        print(f"review of {study} (results in {out}) at http://{where}:{port}/"
+              + (f"?secret={token}" if token else ""), flush=True)
+
+    return serve(study, out, settings, port=args.port, host=host, token=token, on_ready=announce)
 
 
 def cmd_batch(args) -> int:
@@ -486,6 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cases worked on at once (default: the server's worker count; 1 locally)")
     model_options(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("review", help="review and correct a study's cases in the browser (needs the [review] extra)")
+    p.add_argument("study", help="folder of scans, as for batch")
+    p.add_argument("-o", "--output", default=None,
+                   help="results folder (batch results are shown, reviews written beside them; "
+                        "default: STUDY-results next to the study)")
+    p.add_argument("--server", help="segment on this inference server (plain, no CurveZMQ), e.g. tcp://gpu-host:5555")
+    p.add_argument("--queue", default=None, help="fine-tuning queue folder (a folder per task is made in it)")
+    p.add_argument("--model", default=None, help="model name for local segmentation (default: liver-mr-t2)")
+    p.add_argument("--study-tag", default="", help="study / site tag recorded with the cases and their model line")
+    p.add_argument("--operator", default="", help="operator name recorded with accepted cases")
+    p.add_argument("--port", type=int, default=8080, help="web page port (0: any free port)")
+    p.add_argument("--network", action="store_true",
+                   help="serve every network interface, not only this machine (the address then carries a token)")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("queue", help="the fine-tuning queue of corrected cases")
     qsub = p.add_subparsers(dest="action", required=True)

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -118,6 +118,7 @@ class StudyReview:
         self.slices_to_check: list = []  # {"slice", "position_lps"} of the open case
         self._opened_stamp: Optional[int] = None
         self._export: Optional[Path] = None  # review.json waiting for its queue entry
+        self._segmenting = False  # a job of this review is running
         self.refresh()
 
     # ------------------------------------------------------------------ the case list
@@ -136,9 +137,15 @@ class StudyReview:
         return names[min(max(index, 0), len(names) - 1)]
 
     # ------------------------------------------------------------------ opening a case
-    def open(self, case: str):
-        """Load a case into the (cleared) scene, with its accepted review or the batch's suggestion
-        when there is one. Raises :class:`PanelError` for a case that cannot be read."""
+    def open(self, case: str, closing: Optional[Callable[[], None]] = None):
+        """Load a case into the scene in place of the open one, with its accepted review or the
+        batch's suggestion when there is one. Raises :class:`PanelError` for a case that cannot be
+        read (the open case then stays).
+
+        Args:
+            closing: called once the new case could be read, before the open case's nodes are
+                removed (a front end lets go of them: e.g. the segment editor).
+        """
         from LiverSegmentationLogic.io.volumes import read_volume
 
         if self.controller.running:
@@ -151,14 +158,29 @@ class StudyReview:
             ff_map = read_volume(entry.ff, validate=False) if entry.ff else None
         except Exception as exc:  # noqa: BLE001 (any reader error is the case's, shown on the page)
             raise PanelError(f"cannot read case {case}: {exc}") from exc
-        self.controller.scene_closing()
-        self.scene.Clear(0)
+        if closing is not None:
+            closing()
+        self._close_case()
         self.current, self.slices_to_check = entry, []
         self.input_node = bridge.add_volume_node(volume, entry.case)
         self.ff_node = bridge.add_volume_node(ff_map, f"{entry.case} fat fraction") if ff_map is not None else None
         self.segmentation_node = self._load_results(entry, volume)
         self._opened_stamp = _review_stamp(self.out / entry.case)
+        said = {NEW: "not segmented yet", SEGMENTED: "the batch's suggestion", ACCEPTED: "accepted before"}
+        self.controller.status = f"Opened {entry.case}: {said[entry.status]}"
         self.controller.select(self.input_node, self.ff_node, self.segmentation_node)
+
+    def _close_case(self):
+        """Remove the open case's nodes (and only those) from the scene."""
+        c = self.controller
+        nodes = [self.input_node, self.ff_node, self.segmentation_node, c.result_node, c.readout_table]
+        nodes += [n.GetNodeReference(bridge.SUGGESTION_ROLE) for n in (self.segmentation_node, c.result_node) if n]
+        c.scene_closing()  # stops a job and forgets the controller's nodes
+        for node in nodes:
+            if node is not None and node.GetScene() is self.scene:
+                self.scene.RemoveNode(node)
+        self.input_node = self.ff_node = self.segmentation_node = None
+        self._segmenting = False
 
     def _load_results(self, entry: ReviewCase, volume):
         """The segmentation node of what is on disk for the case: the accepted labels (else the
@@ -191,6 +213,7 @@ class StudyReview:
         if self.input_node is None:
             raise PanelError("open a case first")
         self.controller.start(self.input_node, self.ff_node, self.segmentation_node)
+        self.controller.result_node, self._segmenting = None, True
 
     def edited(self):
         """The segmentation was edited: the readout follows once edits pause."""
@@ -200,8 +223,10 @@ class StudyReview:
         """Advance the controller (job, readout, export); True when a new segmentation arrived."""
         self.controller.tick()
         self._tick_export()
-        node = self.controller.result_node
-        if node is None or node is self.segmentation_node:
+        if not self._segmenting or self.controller.running:
+            return False
+        self._segmenting, node = False, self.controller.result_node
+        if node is None:  # failed or cancelled: the controller's status says so
             return False
         self.segmentation_node = node
         self.slices_to_check = _slices_to_check(self.controller.review)

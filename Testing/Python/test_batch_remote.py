@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from LiverSegmentationLogic.errors import CancelledError, RemoteError, ServerTimeoutError
-from LiverSegmentationLogic.io.volumes import Volume, read_volume
+from LiverSegmentationLogic.io.volumes import read_volume
 from LiverSegmentationLogic.remote.batch_client import RemoteSegment
 from LiverSegmentationLogic.remote.client import InferenceClient
 from LiverSegmentationLogic.studies.batch import _run_case

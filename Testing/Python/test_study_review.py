@@ -152,6 +152,26 @@ def test_open_edit_accept_and_queue(review, reviewed_study):
     assert np.array_equal(bridge.suggestion_of(review.segmentation_node), suggestion)
 
 
+def test_segmenting_in_the_review_gives_the_batch_suggestion(review, reviewed_study):
+    """Open a case, segment it here (the panel's local job): the same labels as the batch's, and
+    the nodes of the case opened before are gone from the scene."""
+    _, out = reviewed_study
+    review.open("p21")
+    before = {review.input_node.GetID(), review.segmentation_node.GetID()}
+    review.open("p21")
+    ids = {review.scene.GetNthNode(i).GetID() for i in range(review.scene.GetNumberOfNodes())}
+    assert not before & ids
+    review.segment()
+    _wait(review, lambda: not review.controller.running and review.segmentation_node is not None, timeout=180)
+    assert review.controller.status.startswith("Done"), review.controller.status
+    classes = pc.classes_of_segmentation(review.segmentation_node)
+    labels = bridge.labels_from_segmentation(review.segmentation_node, review.input_node, classes)
+    assert np.array_equal(labels, read_volume(out / "p21" / "segmentation.seg.nrrd", validate=False).array)
+    batch = json.loads((out / "p21" / "readout.json").read_text())["review"]
+    assert [s["slice"] for s in review.slices_to_check] == batch["slices_to_check"]
+    assert np.allclose([s["position_lps"] for s in review.slices_to_check], batch["positions_lps"])
+
+
 def test_a_slice_to_check_centres_the_views(review):
     review.open("p21")
     red = slicer.vtkMRMLSliceNode()
@@ -162,3 +182,27 @@ def test_a_slice_to_check_centres_the_views(review):
     review.slices_to_check = [{"slice": 3, "position_lps": [10.0, -20.0, 42.5]}]
     review.jump_to(0)
     assert red.GetSliceOffset() == pytest.approx(42.5)
+
+
+def test_a_server_that_is_down_is_a_status_not_a_dead_review(review):
+    review.controller.settings["backend"] = "Remote"
+    review.controller.settings["serverAddress"] = "tcp://127.0.0.1:1"  # nobody listens there
+    review.open("p21")
+    before = review.segmentation_node
+    review.segment()
+    _wait(review, lambda: not review.controller.running, timeout=120)
+    assert review.controller.status.startswith("Segmentation failed"), review.controller.status
+    assert review.segmentation_node is before  # the batch's suggestion is still there to review
+
+
+def test_a_queue_that_cannot_be_written_keeps_the_accept_and_says_why(review, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the queue folder should be")
+    review.controller.settings["queueFolder"] = str(blocker)
+    review.controller.settings["operatorName"] = "ana"
+    review.open("p21")
+    path = review.accept(queue=True)
+    _wait(review, lambda: json.loads(path.read_text())["queue"] != "sending")
+    assert json.loads(path.read_text())["queue"].startswith("failed:")
+    assert review.controller.status.startswith("Export failed"), review.controller.status
+    assert (path.parent / sr.REVIEWED_SEGMENTATION).exists()  # the accept itself is kept
