@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverSegmentationLogic.io.volumes import crop_volume, read_volume
+from LiverSegmentationLogic.io.volumes import Volume, crop_volume, read_volume
 
 pytest.importorskip("trame_slicer", reason="the review extra is not installed: pip install -e '.[review]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra has it)")
@@ -40,8 +40,10 @@ def page(tmp_path_factory, sample_case):
     root = tmp_path_factory.mktemp("browser")
     study = root / "study"
     study.mkdir()
-    sitk.WriteImage(crop_volume(image, (slice(z - 10, z + 10), slice(None), slice(None))).to_sitk(),
-                    str(study / "p21.nii.gz"))
+    scan = crop_volume(image, (slice(z - 10, z + 10), slice(None), slice(None)))
+    sitk.WriteImage(scan.to_sitk(), str(study / "p21.nii.gz"))
+    ff_map = Volume(np.full(scan.array.shape, 12.5, np.float32), scan.geometry)  # a paired PDFF map, in %
+    sitk.WriteImage(ff_map.to_sitk(), str(study / "p21_pdff.nii.gz"))
     (study / "broken.nii.gz").write_bytes(b"not an image")
     server = subprocess.Popen(
         [sys.executable, "-m", "LiverSegmentationLogic.cli", "review", str(study), "-o", str(root / "out"),
@@ -109,6 +111,7 @@ def test_open_segment_paint_undo_accept_and_queue(page):
     browser.find_element(By.ID, "btn-segment").click()
     suggested = _wait_for(browser, _liver_ml, timeout=180, what="the segmentation's readout")
     assert "Done: liver-mr-t2" in _text(browser, "status")
+    assert "PDFF: median 12.5 %" in _text(browser, "readout")  # the paired map, found as batch finds it
     _screenshot(browser, root, "review-segmented")
 
     # a paint stroke beside the liver, in the axial view (the left-hand image on the page)
@@ -146,3 +149,31 @@ def test_open_segment_paint_undo_accept_and_queue(page):
     # keyboard: P opens the case before it in the list (the unreadable one: a message, the page stays)
     browser.find_element(By.TAG_NAME, "body").send_keys("p")
     assert "cannot read case broken" in _wait_for(browser, lambda b: _text(b, "error"), what="the key P")
+
+
+def _start_review(study, out, *args):
+    server = subprocess.Popen(
+        [sys.executable, "-m", "LiverSegmentationLogic.cli", "review", str(study), "-o", str(out), "--port", "0",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = server.stdout.readline()
+    match = re.search(r"at (http://\S+)", line)
+    assert match, line + server.stderr.read()
+    return server, match.group(1)
+
+
+def test_a_page_served_to_the_network_needs_its_token(page):
+    browser, root = page
+    server, url = _start_review(root / "study", root / "out-network", "--network")
+    try:
+        assert "?secret=" in url
+        local = url.replace(url.split("/")[2].split(":")[0], "127.0.0.1", 1)
+        for address, opens in ((local, True), (local.split("?")[0], False), (local.split("?")[0] + "?secret=x", False)):
+            browser.get(address)
+            time.sleep(3)
+            found = _wait_for(browser, lambda b: b.find_elements(By.ID, "case-p21"), timeout=15, what=address) \
+                if opens else browser.find_elements(By.ID, "case-p21")
+            assert bool(found) == opens, address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "warning: serving every network interface" in server.stderr.read()
