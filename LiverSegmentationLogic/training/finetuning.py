@@ -90,8 +90,8 @@ def _queued_training_case(origin: LoadedModel, case: CaseFiles, cache: "_Cache")
 
 class _Cache:
     """What fine-tunes of a line keep computing again: each model's Dice on each queued case, the
-    hidden classes the line's first model predicts in each queued case, and the pace of the last
-    gate on this machine. Kept under
+    hidden classes the line's first model predicts in each queued case, and what the last gate on
+    this machine took. Kept under
     ``<home>/cache/finetuning``, keyed by the model's weights hash and the case's id and hashes (a
     case replaced under the same id is another case). Losing it costs time, never correctness."""
 
@@ -119,16 +119,27 @@ class _Cache:
         known.update({self.keys[case_id]: dice for case_id, dice in scores.items()})
         self._write(path, json.dumps(known).encode())
 
-    def gate_pace(self) -> Optional[float]:
-        """Seconds per model-grid voxel the last gate on this machine took (whole pipeline)."""
+    def gate_pace(self) -> dict:
+        """What the last gate on this machine took (whole pipeline): ``validation_s`` for its
+        validation cases (``validation_cases``) and ``queued_seconds_per_voxel`` per model-grid
+        voxel of the queued cases it measured. Two figures, as the two kinds of case differ: a
+        queued CT on its 512 x 512 grid costs more per model voxel than an MR validation case."""
         try:
-            pace = json.loads((self.folder / "gate_pace.json").read_text())["seconds_per_voxel"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return float(pace) if isinstance(pace, (int, float)) and pace > 0 else None
+            pace = json.loads((self.folder / "gate_pace.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(pace, dict):
+            return {}
+        valid = {k: pace[k] for k in ("validation_s", "queued_seconds_per_voxel")
+                 if isinstance(pace.get(k), (int, float)) and pace[k] > 0}
+        if "validation_s" in valid and isinstance(pace.get("validation_cases"), list):
+            valid["validation_cases"] = pace["validation_cases"]
+        else:
+            valid.pop("validation_s", None)
+        return valid
 
-    def save_gate_pace(self, seconds_per_voxel: float):
-        self._write(self.folder / "gate_pace.json", json.dumps({"seconds_per_voxel": seconds_per_voxel}).encode())
+    def save_gate_pace(self, pace: dict):
+        self._write(self.folder / "gate_pace.json", json.dumps(pace).encode())
 
     def _hidden_path(self, model: LoadedModel, case_id: str) -> Path:
         return self.folder / "hidden" / model.card["sha256"][:24] / f"{self.keys[case_id]}.npz"
@@ -291,17 +302,23 @@ def finetune(
         if validation_before is None:
             validation_before = evaluate_cases(model, validation_cases, reference)["mean_dice"]
         report["base_validation_before"] = validation_before
-    # the gate's pace: as measured by the last gate here, else guessed from the network's
-    gate_pace = cache.gate_pace() or PIPELINE_OVERHEAD * _network_seconds_per_voxel(
-        model, cases[:len(queued_cases)], network_seconds)
-    # one replay case stands for one validation case (same dataset)
-    replay_voxels = [case.image.size for case in cases[len(queued_cases):]] or [0]
-    validation_voxels = float(np.mean(replay_voxels)) * len(validation_cases)
+    # the gate's cost: as the last gate here measured it, else guessed from the network's pace
+    last_gate = cache.gate_pace()
+    guessed_pace = None
+    if "queued_seconds_per_voxel" not in last_gate or "validation_s" not in last_gate:
+        guessed_pace = PIPELINE_OVERHEAD * _network_seconds_per_voxel(model, cases[:len(queued_cases)],
+                                                                      network_seconds)
+    queued_pace = last_gate.get("queued_seconds_per_voxel", guessed_pace)
+    if last_gate.get("validation_cases") == report["base_validation_cases"]:
+        validation_cost = last_gate["validation_s"]
+    else:  # one replay case stands for one validation case (same dataset)
+        replay_voxels = [case.image.size for case in cases[len(queued_cases):]] or [0]
+        validation_cost = guessed_pace * float(np.mean(replay_voxels)) * len(validation_cases)
     # the gate's 'before': the base model's own suggestions (the export records their Dice), else
     # what it scored in an earlier fine-tune; what is missing is measured in the gate
     known_before = {**_suggestion_scores(model, queued_cases, records), **cache.scores(model)}
     newest_voxels = cases[len(queued_cases) - 1].image.size * (1 if queued_cases[-1].case_id in known_before else 2)
-    gate_cost = gate_pace * (validation_voxels + newest_voxels)
+    gate_cost = validation_cost + queued_pace * newest_voxels
     prepared_s = time.perf_counter() - t_start
     train_budget = max(time_budget_s - prepared_s - gate_cost - SAVE_RESERVE_S,
                        MIN_TRAIN_SHARE * time_budget_s)
@@ -325,12 +342,14 @@ def finetune(
     t_gate = time.perf_counter()
     if validation_cases:
         report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
+    t_queued = time.perf_counter()
     deadline = t_start + time_budget_s - SAVE_RESERVE_S
     before, after, measured_voxels = _measure_newest_first(model, candidate, list(zip(queued_cases, cases)),
                                                            known_before, written, deadline)
     cache.save_scores(model, before)
     cache.save_scores(candidate, after)
-    cache.save_gate_pace((time.perf_counter() - t_gate) / (validation_voxels + measured_voxels))
+    cache.save_gate_pace({"validation_cases": report["base_validation_cases"], "validation_s": t_queued - t_gate,
+                          "queued_seconds_per_voxel": (time.perf_counter() - t_queued) / max(measured_voxels, 1)})
     if len(after) < len(queued_cases):
         log(f"the gate measured the newest {len(after)} of {len(queued_cases)} queued cases (time budget)")
     names = [c["name"] for c in card["classes"]]
