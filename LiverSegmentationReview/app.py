@@ -155,9 +155,11 @@ class ReviewApp(TrameApp):
         self._run(self._open, case)
 
     def _open(self, case: str):
-        self.editor.deactivate_effect()
-        self.state.active_tool = "none"
-        self.review.open(case)
+        def let_go():  # the editor lets go of the nodes about to be removed
+            self.editor.clear()
+            self.state.active_tool = "none"
+
+        self.review.open(case, closing=let_go)
         self._show()
 
     def _show(self):

@@ -92,7 +92,9 @@ def main():
             times = result.report["time_s"]
             tunes.append((index + 1, time.perf_counter() - t0, times["training"], len(result.report["evaluated_cases"]),
                           result.promoted, result.reason))
-            print(f"fine-tune after {index + 1} cases: {tunes[-1][1]:.0f}s ({times['training']:.0f}s training), "
+            print(f"fine-tune after {index + 1} cases: {tunes[-1][1]:.0f}s ({times['preparation']:.0f}s preparation, "
+                  f"{times['training']:.0f}s training, {times['validation']:.0f}s gate, "
+                  f"{tunes[-1][1] - times['total']:.0f}s writing), "
                   f"{'promoted' if result.promoted else 'not promoted'}: {result.reason}", flush=True)
 
     print("\n| case | model used | voxels changed, no loop | with loop | slices touched, no loop | with loop | "

@@ -1,0 +1,83 @@
+"""scripts/cross_validate.py end to end on three real CHAOS MR patients (tiny training budget):
+folds that never see their patients, a resumable training step, the evaluation's records and the
+shipped ensemble's card."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.inference.segmenter import Segmenter
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cross_validate.py"
+PATIENTS = ("2", "21", "31")
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def cross_validated(chaos_mr, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    data = root / "chaos-mr-t2"
+    data.mkdir()
+    for n in PATIENTS:
+        for kind in ("image", "label"):
+            (data / f"{kind}_{n}.nii.gz").symlink_to(chaos_mr / f"{kind}_{n}.nii.gz")
+    work = root / "work"
+    run("prepare", "--task", "abdomen-mr-t2", "--data", data, "--folds", 3, "--work", work)
+    out = run("train", "--work", work, "--members", 1, "--epochs", 1, "--time-budget", 2, "--device", "cpu",
+              "--jobs", 2)
+    return root, work, out
+
+
+def test_each_fold_model_never_saw_its_patients(cross_validated):
+    _, work, out = cross_validated
+    plan = json.loads((work / "plan.json").read_text())
+    assert sorted(c for fold in plan["folds"] for c in fold) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
+    for f, held in enumerate(plan["folds"]):
+        trained_on = load_model(work / f"fold{f}").card["training"]["train_cases"]
+        assert not set(trained_on) & set(held) and len(trained_on) == len(PATIENTS) - len(held)
+    member = load_model(work / "member0").card["training"]
+    assert sorted(member["train_cases"]) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
+    assert out.count("done") == 4  # 3 folds and 1 member
+    again = run("train", "--work", work, "--members", 1, "--epochs", 1, "--device", "cpu")
+    assert "training" not in again  # finished models are not trained again
+
+
+def test_evaluation_and_the_shipped_card(cross_validated):
+    root, work, _ = cross_validated
+    run("evaluate", "--work", work)
+    results = json.loads((work / "cv_results.json").read_text())
+    plan = json.loads((work / "plan.json").read_text())
+    assert {r["case"]: r["fold"] for r in results["cases"]} == {c: f for f, fold in enumerate(plan["folds"])
+                                                                for c in fold}
+    liver = results["summary"]["per_class"]["liver"]
+    errors = [100 * (r["volume_ml"]["liver"] - r["reference_ml"]["liver"]) / r["reference_ml"]["liver"]
+              for r in results["cases"]]
+    assert liver["volume_error_percent"] == [round(e, 2) for e in errors]
+    assert liver["bland_altman_percent"]["bias"] == pytest.approx(np.mean(errors), abs=0.01)
+    assert liver["mean_dice"] == pytest.approx(np.mean([r["dice"]["liver"] for r in results["cases"]]))
+    quality = results["summary"]["quality"]
+    assert quality["structures_below_0.85"] == sum(d < 0.85 for r in results["cases"] for d in r["dice"].values())
+
+    run("ship", "--work", work, "--version", "9.9.9", "--models", root / "models", "--views", "liver-mr-t2")
+    shipped = load_model(root / "models" / "abdomen-mr-t2")
+    view = load_model(root / "models" / "liver-mr-t2")
+    assert shipped.card["version"] == view.card["version"] == "9.9.9"
+    assert set(view.card["validation"]["mean_dice"]) == {"liver"}
+    assert view.card["validation"]["per_case_dice"].keys() == {r["case"] for r in results["cases"]}
+    assert [c["name"] for c in view.classes] == ["liver"]
+    image = read_volume(root / "chaos-mr-t2" / "image_21.nii.gz")
+    labels = Segmenter(view, device="cpu").segment(image).labels
+    assert labels.shape == image.array.shape and set(np.unique(labels)) <= {0, 1}

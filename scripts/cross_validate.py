@@ -1,0 +1,310 @@
+r"""Patient-wise k-fold cross-validation of a task's recipe, and the shipped model from it.
+
+Four steps, so that the training can run on a machine that has neither the data nor SimpleITK
+(a GPU machine), and resume there after an interruption:
+
+    # here: the folds and the prepared cases (model grid, float16) in one file
+    python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ../shared/data/chaos-mr-t2 \
+        --folds 7 --work cv/mr
+    # anywhere (carry cv/mr): each fold's model, and the members trained on every case; folds
+    # run in parallel processes (--jobs), each checkpointed after every epoch (re-run to resume)
+    python scripts/cross_validate.py train --work cv/mr --folds-to-train all --members 2 \
+        --epochs 250 --device cuda --jobs 9
+    # here: every patient segmented by the fold model that never saw it (full pipeline, input
+    # grid): Dice per class, volumes, Bland-Altman, the quality control's flags
+    python scripts/cross_validate.py evaluate --work cv/mr
+    # here: the members trained on every case, as one ensemble, with the cross-validated record
+    python scripts/cross_validate.py ship --work cv/mr --version 3.0.0 --models Resources/Models \
+        --views liver-mr-t2
+
+The cross-validated figures describe the recipe (the same training on k - 1 folds); the shipped
+members are trained the same way on every patient, so no labelled patient is wasted (nnU-Net's
+"all" fold). ``evaluate`` prints the issue-17 targets next to what was reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from LiverSegmentationLogic import __version__
+from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
+from LiverSegmentationLogic.models.model_files import load_model, save_model
+from LiverSegmentationLogic.models.tasks import load_task
+from LiverSegmentationLogic.training.trainer import TrainingCase, hardware_description
+
+ALL = "all"  # the members trained on every case
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True)
+    s = sub.add_parser("prepare", help="assign folds and write the prepared cases")
+    s.add_argument("--task", required=True)
+    s.add_argument("--data", type=Path, nargs="+", required=True, help="dataset folders")
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    s.add_argument("--work", type=Path, required=True)
+    s = sub.add_parser("train", help="train fold models (and the members for shipping); resumable")
+    s.add_argument("--work", type=Path, required=True)
+    s.add_argument("--folds-to-train", nargs="+", default=[ALL],
+                   help="fold numbers (0-based), 'members', or 'all': every fold and the members (default)")
+    s.add_argument("--members", type=int, default=2, help="members trained on every case (seeds 0..n-1)")
+    s.add_argument("--epochs", type=int, default=250)
+    s.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per model")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process")
+    s.add_argument("--one", help=argparse.SUPPRESS)  # internal: train this one model ('fold3', 'member1')
+    s = sub.add_parser("evaluate", help="segment every patient with the fold model that never saw it")
+    s.add_argument("--work", type=Path, required=True)
+    s.add_argument("--device", default="cpu")
+    s = sub.add_parser("ship", help="write the members' ensemble with the cross-validated record")
+    s.add_argument("--work", type=Path, required=True)
+    s.add_argument("--version", required=True)
+    s.add_argument("--models", type=Path, default=Path("Resources/Models"))
+    s.add_argument("--views", nargs="*", default=[],
+                   help="other tasks served by the same network (e.g. liver-mr-t2 for abdomen-mr-t2)")
+    args = p.parse_args(argv)
+    {"prepare": prepare, "train": train, "evaluate": evaluate, "ship": ship}[args.step](args)
+
+
+# ----------------------------------------------------------------------------- prepare
+def prepare(args):
+    from LiverSegmentationLogic.training.task_training import load_task_cases
+
+    task = load_task(args.task)
+    cases = find_all_cases(args.data, len(task.channels))
+    folds = k_folds(cases, args.folds, args.seed)
+    t0 = time.perf_counter()
+    loaded = load_task_cases(task, cases)
+    args.work.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.work / "cases.npz", **{f"{c.name}/image": c.image.astype(np.float16) for c in loaded},
+                        **{f"{c.name}/labels": c.labels for c in loaded})
+    plan = {"task": task.name, "data": [str(Path(d).resolve()) for d in args.data], "seed": args.seed,
+            "folds": [[c.case_id for c in fold] for fold in folds]}
+    (args.work / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    print(f"{len(cases)} cases in {len(folds)} folds, prepared in {time.perf_counter() - t0:.0f}s: {args.work}")
+
+
+def _plan(work: Path) -> dict:
+    return json.loads((work / "plan.json").read_text())
+
+
+def _cached_cases(work: Path) -> list[TrainingCase]:
+    with np.load(work / "cases.npz") as archive:
+        names = sorted({key.rsplit("/", 1)[0] for key in archive.files})
+        return [TrainingCase(n, archive[f"{n}/image"].astype(np.float32), archive[f"{n}/labels"]) for n in names]
+
+
+# ----------------------------------------------------------------------------- train
+def train(args):
+    plan = _plan(args.work)
+    if args.one:
+        return _train_one(args, plan, args.one)
+    folds, members = [f"fold{f}" for f in range(len(plan["folds"]))], [f"member{m}" for m in range(args.members)]
+    names = []
+    for token in args.folds_to_train:
+        names += {ALL: folds + members, "members": members}.get(token) or [f"fold{int(token)}"]
+    names = [n for n in names if not _finished(args.work / n, args.epochs)]
+    jobs = max(1, min(args.jobs, len(names)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    while names or running:
+        while names and len(running) < jobs:
+            name = names.pop(0)
+            command = [sys.executable, __file__, "train", "--work", str(args.work), "--one", name,
+                       "--epochs", str(args.epochs), "--time-budget", str(args.time_budget),
+                       "--device", args.device, "--members", str(args.members)]
+            log = open(args.work / f"{name}.log", "a")
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                   env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+            print(f"training {name} (log: {args.work / (name + '.log')})", flush=True)
+        time.sleep(1.0)
+        for name, process in list(running):
+            if process.poll() is not None:
+                running.remove((name, process))
+                if process.returncode:
+                    failed.append(name)
+                print(f"{name}: {'failed' if process.returncode else 'done'}", flush=True)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see their logs; a re-run resumes them)")
+
+
+def _finished(folder: Path, epochs: int) -> bool:
+    """Trained for every epoch before (a model cut short by --time-budget resumes)."""
+    try:
+        return json.loads((folder / "model_card.json").read_text())["training"]["epochs_run"] >= epochs
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _train_one(args, plan: dict, name: str):
+    """One model: ``fold<f>`` on every case outside fold f, ``member<m>`` on every case (seed m)."""
+    from LiverSegmentationLogic.training.task_training import new_network, train_config
+    from LiverSegmentationLogic.training.trainer import train_network
+
+    task = load_task(plan["task"])
+    cases = _cached_cases(args.work)
+    if name.startswith("fold"):
+        held, seed = set(plan["folds"][int(name[4:])]), 0
+    else:
+        held, seed = set(), int(name[6:])
+    chosen = [c for c in cases if c.name not in held]
+    folder = args.work / name
+    folder.mkdir(exist_ok=True)
+    config = train_config(task, chosen, args.epochs, args.time_budget, seed, args.device)
+    network = new_network(task)
+    t0 = time.perf_counter()
+    losses = train_network(network, chosen, task.preprocess_config(), config, checkpoint=folder / "checkpoint.pt")
+    card = dict(task.card(), version=f"cv-{name}", created=_now(), tool_version=__version__, training={
+        "train_cases": [c.name for c in chosen], "epochs_run": len(losses), "final_loss": losses[-1],
+        "seed": seed, "wall_time_s_last_run": round(time.perf_counter() - t0, 1),
+        "hardware": hardware_description(args.device),
+        "optimiser": f"AdamW lr {config.learning_rate}, cosine schedule, batch {config.batch_size}",
+    })
+    save_model(folder, network, card)
+
+
+# ----------------------------------------------------------------------------- evaluate
+def evaluate(args):
+    """Every patient through the full pipeline by the fold model that never saw it."""
+    from LiverSegmentationLogic.inference.pipeline import segment_case
+    from LiverSegmentationLogic.inference.segmenter import Segmenter
+    from LiverSegmentationLogic.io.volumes import read_volume
+    from LiverSegmentationLogic.readouts.metrics import dice
+    from LiverSegmentationLogic.readouts.quality import quality_check
+
+    plan = _plan(args.work)
+    task = load_task(plan["task"])
+    reference_values = task.reference_values()
+    files = {c.case_id: c for c in find_all_cases(plan["data"], len(task.channels))}
+    rows = []
+    for f, held in enumerate(plan["folds"]):
+        model = load_model(args.work / f"fold{f}")
+        segmenter = Segmenter(model, device=args.device)
+        for case_id in held:
+            case = files[case_id]
+            volumes = [read_volume(p) for p in case.images]
+            reference = np.rint(read_volume(case.label, validate=False).array)
+            result, _ = segment_case(segmenter, volumes if len(volumes) > 1 else volumes[0])
+            real_spacing = not case_id.startswith("lits-ct/")  # LiTS files carry a 1 mm placeholder
+            quality = quality_check(result.labels, result.geometry, result.classes, result.uncertain_by_label,
+                                    check_volumes=real_spacing)
+            voxel_ml = result.geometry.voxel_volume_ml
+            row = {"case": case_id, "fold": f, "dice": {}, "volume_ml": {}, "reference_ml": {},
+                   "quality": quality["status"], "reasons": quality["reasons"]}
+            for c in result.classes:
+                predicted, truth = result.labels == c["label"], np.isin(reference, reference_values[c["name"]])
+                row["dice"][c["name"]] = dice(predicted, truth)
+                row["volume_ml"][c["name"]] = float(predicted.sum() * voxel_ml)
+                row["reference_ml"][c["name"]] = float(truth.sum() * voxel_ml)
+            rows.append(row)
+            print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
+                  + f"  {quality['status']}", flush=True)
+    summary = summarise(rows, real_volumes=not any(r["case"].startswith("lits-ct/") for r in rows))
+    (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
+    _print_summary(summary)
+
+
+def summarise(rows: list[dict], real_volumes: bool = True) -> dict:
+    """Per class: Dice mean/min, volume error per patient and Bland-Altman (percent of the
+    reference volume); the quality control against the issue's targets."""
+    from LiverSegmentationLogic.readouts.metrics import bland_altman
+
+    names = list(rows[0]["dice"])
+    per_class = {}
+    for n in names:
+        scores = [r["dice"][n] for r in rows]
+        record = {"mean_dice": float(np.mean(scores)), "min_dice": float(np.min(scores))}
+        if real_volumes:
+            errors = [100.0 * (r["volume_ml"][n] - r["reference_ml"][n]) / r["reference_ml"][n] for r in rows
+                      if r["reference_ml"][n] > 0]
+            record["volume_error_percent"] = [round(e, 2) for e in errors]
+            if len(errors) >= 2:
+                agreement = bland_altman(errors, [0.0] * len(errors))
+                record["bland_altman_percent"] = {k: round(v, 2) if isinstance(v, float) else v
+                                                  for k, v in agreement.items()}
+        per_class[n] = record
+    flagged = {r["case"]: r["quality"] != "ok" for r in rows}
+    bad = [(r["case"], n) for r in rows for n in names if r["dice"][n] < 0.85]
+    good = [r for r in rows if min(r["dice"].values()) >= 0.93]
+    return {
+        "per_class": per_class,
+        "quality": {
+            "structures_below_0.85": len(bad),
+            "structures_below_0.85_flagged": sum(flagged[case] for case, _ in bad),
+            "cases_all_at_least_0.93": len(good),
+            "cases_all_at_least_0.93_flagged": sum(flagged[r["case"]] for r in good),
+        },
+    }
+
+
+def _print_summary(summary: dict):
+    for name, record in summary["per_class"].items():
+        line = f"{name:<14} Dice mean {record['mean_dice']:.3f}, min {record['min_dice']:.3f}"
+        if "bland_altman_percent" in record:
+            ba = record["bland_altman_percent"]
+            worst = max(record["volume_error_percent"], key=abs)
+            line += (f"; volume bias {ba['bias']:+.1f} % (95 % limits {ba['loa_lower']:+.1f} to "
+                     f"{ba['loa_upper']:+.1f}), worst patient {worst:+.1f} %")
+        print(line)
+    q = summary["quality"]
+    print(f"quality control: {q['structures_below_0.85_flagged']} of {q['structures_below_0.85']} structures with "
+          f"Dice < 0.85 flagged (target: all); {q['cases_all_at_least_0.93_flagged']} of "
+          f"{q['cases_all_at_least_0.93']} cases with every structure >= 0.93 flagged (target: <= 10 %)")
+
+
+# ----------------------------------------------------------------------------- ship
+def ship(args):
+    from LiverSegmentationLogic.models.network import UNetEnsemble
+
+    plan = _plan(args.work)
+    results = json.loads((args.work / "cv_results.json").read_text())
+    members = sorted(args.work.glob("member*/model_card.json"))
+    if not members:
+        raise SystemExit(f"no members in {args.work}: run train first")
+    models = [load_model(card.parent) for card in members]
+    network = models[0].network if len(models) == 1 else UNetEnsemble([m.network for m in models])
+    training = {
+        "data": plan["data"], "split": "patient-wise",
+        "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
+        "ensemble": f"mean probability of {len(models)} networks trained on every case (seeds "
+                    f"{', '.join(str(m.card['training']['seed']) for m in models)})",
+        "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware")}
+                    for m in models],
+    }
+    for name in [plan["task"], *args.views]:
+        task = load_task(name)
+        names = [c["name"] for c in task.card()["classes"]]
+        validation = {
+            "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+            "method": f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient "
+                      "segmented by the fold model that never saw it; the shipped members are trained on every "
+                      "patient",
+            "validation_cases": [r["case"] for r in results["cases"]],
+            "per_case_dice": {r["case"]: {n: r["dice"][n] for n in names} for r in results["cases"]},
+            "mean_dice": {n: results["summary"]["per_class"][n]["mean_dice"] for n in names},
+            "per_class": {n: results["summary"]["per_class"][n] for n in names},
+            "quality": results["summary"]["quality"],
+        }
+        card = {**models[0].card, **task.card(), "version": args.version, "created": _now(),
+                "tool_version": __version__, "training": training, "validation": validation}
+        save_model(args.models / name, network, card)
+        print(f"wrote {args.models / name}")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    main()
