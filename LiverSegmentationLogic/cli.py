@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import socket
 import sys
 from pathlib import Path
 
@@ -53,6 +51,9 @@ class _ProgressLines:
 
 
 def cmd_review(args) -> int:
+    import secrets
+    import socket
+
     try:
         from LiverSegmentationReview.app import serve
     except ImportError as exc:
