@@ -39,7 +39,7 @@ from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
 from LiverSegmentationLogic.models.model_files import load_model, save_model
 from LiverSegmentationLogic.models.tasks import load_task
-from LiverSegmentationLogic.training.trainer import TrainingCase, hardware_description
+from LiverSegmentationLogic.training.trainer import hardware_description, read_prepared_cases, write_prepared_cases
 
 ALL = "all"  # the members trained on every case
 
@@ -86,8 +86,7 @@ def prepare(args):
     t0 = time.perf_counter()
     loaded = load_task_cases(task, cases)
     args.work.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.work / "cases.npz", **{f"{c.name}/image": c.image.astype(np.float16) for c in loaded},
-                        **{f"{c.name}/labels": c.labels for c in loaded})
+    write_prepared_cases(args.work / "cases.npz", loaded)
     plan = {"task": task.name, "data": [str(Path(d).resolve()) for d in args.data], "seed": args.seed,
             "folds": [[c.case_id for c in fold] for fold in folds]}
     (args.work / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
@@ -96,12 +95,6 @@ def prepare(args):
 
 def _plan(work: Path) -> dict:
     return json.loads((work / "plan.json").read_text())
-
-
-def _cached_cases(work: Path) -> list[TrainingCase]:
-    with np.load(work / "cases.npz") as archive:
-        names = sorted({key.rsplit("/", 1)[0] for key in archive.files})
-        return [TrainingCase(n, archive[f"{n}/image"].astype(np.float32), archive[f"{n}/labels"]) for n in names]
 
 
 # ----------------------------------------------------------------------------- train
@@ -153,7 +146,7 @@ def _train_one(args, plan: dict, name: str):
     from LiverSegmentationLogic.training.trainer import train_network
 
     task = load_task(plan["task"])
-    cases = _cached_cases(args.work)
+    cases = read_prepared_cases(args.work / "cases.npz")
     if name.startswith("fold"):
         held, seed = set(plan["folds"][int(name[4:])]), 0
     else:

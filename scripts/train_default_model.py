@@ -29,7 +29,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_cases, select_cases
@@ -39,11 +38,12 @@ from LiverSegmentationLogic.models.preprocess_config import PreprocessConfig
 from LiverSegmentationLogic.models.tasks import load_task
 from LiverSegmentationLogic.training.trainer import (
     TrainConfig,
-    TrainingCase,
     evaluate_cases,
     hardware_description,
     load_case,
+    read_prepared_cases,
     train_network,
+    write_prepared_cases,
 )
 
 VALIDATION = [2, 21, 31]  # held out; patient 21 is also the bundled demo sample
@@ -88,15 +88,14 @@ def main():
             _validate_and_save(args, name, task, network, card, training)
         return
     if args.cache is not None and args.cache.exists():
-        loaded = _read_cache(args.cache)
+        loaded = read_prepared_cases(args.cache)
         print(f"read {len(loaded)} prepared training cases from {args.cache}")
     else:
         t0 = time.perf_counter()
         loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in _train_cases(args.data)]
         print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
         if args.cache is not None:
-            np.savez_compressed(args.cache, **{f"{c.name}/image": c.image.astype(np.float16) for c in loaded},
-                                **{f"{c.name}/labels": c.labels for c in loaded})
+            write_prepared_cases(args.cache, loaded)
             print(f"wrote {args.cache}")
     if args.cache_only:
         return
@@ -138,12 +137,6 @@ def _ensemble_record(members) -> dict:
 def _train_cases(data: Path):
     cases = find_cases(data)
     return [c for c in cases if c not in select_cases(cases, [str(n) for n in VALIDATION])]
-
-
-def _read_cache(path: Path) -> list[TrainingCase]:
-    with np.load(path) as archive:
-        names = sorted({key.rsplit("/", 1)[0] for key in archive.files})
-        return [TrainingCase(n, archive[f"{n}/image"].astype(np.float32), archive[f"{n}/labels"]) for n in names]
 
 
 def _validate_and_save(args, name, task, network, card, training):

@@ -38,6 +38,21 @@ class TrainingCase:
     labels: np.ndarray  # (Z, H, W) uint8, model classes
 
 
+def write_prepared_cases(path: Union[str, os.PathLike], cases: Sequence[TrainingCase]) -> None:
+    """Cases on the model grid in one compressed file (images as float16), so that a machine
+    without the data or SimpleITK (a GPU machine) can train on them: see
+    :func:`read_prepared_cases`."""
+    np.savez_compressed(path, **{f"{c.name}/image": c.image.astype(np.float16) for c in cases},
+                        **{f"{c.name}/labels": c.labels for c in cases})
+
+
+def read_prepared_cases(path: Union[str, os.PathLike]) -> list[TrainingCase]:
+    """The cases :func:`write_prepared_cases` wrote, sorted by name."""
+    with np.load(path) as archive:
+        names = sorted({key.rsplit("/", 1)[0] for key in archive.files})
+        return [TrainingCase(n, archive[f"{n}/image"].astype(np.float32), archive[f"{n}/labels"]) for n in names]
+
+
 def load_case(
     image_paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
     label_path: Union[str, os.PathLike],
