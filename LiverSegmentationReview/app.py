@@ -100,6 +100,7 @@ class ReviewApp(TrameApp):
             store[key] = value
         self.controller = pc.PanelController(store)
         self.review = StudyReview(study, out, self.controller, self.slicer_app.scene)
+        self._flagged_slice = -1  # the slice to check that F went to last, in the open case
         self._init_state()
         self._build_ui()
         self.server.controller.on_server_ready.add(self._start_ticking)
@@ -160,6 +161,7 @@ class ReviewApp(TrameApp):
             self.state.active_tool = "none"
 
         self.review.open(case, closing=let_go)
+        self._flagged_slice = -1
         self._show()
 
     def _show(self):
@@ -189,13 +191,17 @@ class ReviewApp(TrameApp):
     def next_flagged_slice(self):
         slices = self.review.slices_to_check
         if slices:
-            self._next_slice = (getattr(self, "_next_slice", -1) + 1) % len(slices)
-            self.jump(self._next_slice)
+            self._flagged_slice = (self._flagged_slice + 1) % len(slices)
+            self.jump(self._flagged_slice)
+
+    def _require_segmentation(self):
+        if self.review.segmentation_node is None:
+            raise pc.PanelError("segment the case before editing")
 
     def set_tool(self, tool: str):
         def activate():
-            if tool != "none" and self.review.segmentation_node is None:
-                raise pc.PanelError("segment the case before editing")
+            if tool != "none":
+                self._require_segmentation()
             self.editor.set_active_effect_type(TOOLS[tool][0])
             self.state.active_tool = tool
 
@@ -203,8 +209,7 @@ class ReviewApp(TrameApp):
 
     def keep_largest_island(self):
         def keep():
-            if self.review.segmentation_node is None:
-                raise pc.PanelError("segment the case before editing")
+            self._require_segmentation()
             self.editor.set_active_effect_type(SegmentationEffectIslands).keep_largest_island()
             self.editor.set_active_effect_type(TOOLS[self.state.active_tool][0])
 
