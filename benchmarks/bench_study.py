@@ -13,7 +13,16 @@ every case gets the base model's suggestion. Prints the effort per case with and
 loop, the cumulative effort, and the wall time of each fine-tune. Target (issue 18): from the
 third case on, at most half of the no-loop effort; each fine-tune <= 5 min on 2 CPU cores. Runs in
 a registry of its own (nothing active changes). Cases are ``lits-ct/N``, ``chaos-ct/1`` or
-``chaos-mr-t2/N`` (an MR order makes sense only with a model that never saw those patients).
+``chaos-mr-t2/N``. Fine-tunes replay only the base model's own training and validation patients
+(from its card), never a patient of the study.
+
+An MR order needs a base model that never saw those patients (``--model`` takes a model folder,
+which then stands in for the bundled model of its name):
+
+    python scripts/train_default_model.py --hold-out 15 5 10 13 20 --epochs 250 --device cpu \
+        --version 2.0.0-study-base --models runs/mr-study-base --checkpoint runs/mr-study-base.ckpt
+    python benchmarks/bench_study.py --model runs/mr-study-base/liver-mr-t2 \
+        --cases chaos-mr-t2/15 chaos-mr-t2/5 chaos-mr-t2/10 chaos-mr-t2/13 chaos-mr-t2/20
 """
 
 from __future__ import annotations
@@ -35,17 +44,44 @@ def effort(suggestion: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
     return int(changed.sum()), int(np.any(changed, axis=(1, 2)).sum())
 
 
+def stand_in_for_bundled(folder: Path, bundled: Path) -> str:
+    """Make a model folder the bundled model of its name (``LIVERSEG_MODELS_DIR``), so that study
+    lines branch from it; returns that name."""
+    import json
+
+    name = json.loads((folder / "model_card.json").read_text())["name"]
+    bundled.mkdir(parents=True)
+    (bundled / name).symlink_to(folder.resolve(), target_is_directory=True)
+    os.environ["LIVERSEG_MODELS_DIR"] = str(bundled)
+    return name
+
+
+def own_patients(card: dict, dataset: Path, replay: Path) -> Path:
+    """A dataset folder holding only the patients the model trained or was validated on (links):
+    a fine-tune must not replay a patient of the study it adapts to."""
+    own = {case.split("/")[-1] for case in card["training"]["train_cases"]}
+    own |= {case.split("/")[-1] for case in card.get("validation", {}).get("validation_cases", [])}
+    replay.mkdir(parents=True)
+    for patient in sorted(own):
+        for kind in ("image", "label"):
+            (replay / f"{kind}_{patient}.nii.gz").symlink_to((dataset / f"{kind}_{patient}.nii.gz").resolve())
+    return replay
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--cases", nargs="+", default=[f"lits-ct/{i}" for i in range(8)] + ["chaos-ct/1"],
                         help="dataset/patient, in order")
-    parser.add_argument("--model", default="liver-mr-t2", help="the model the study starts from")
+    parser.add_argument("--model", default="liver-mr-t2", help="the model the study starts from (name or folder)")
     parser.add_argument("--every", type=int, default=2, help="fine-tune after every k cases")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per fine-tune, all steps included")
     parser.add_argument("--study", default="BENCH")
     args = parser.parse_args()
-    os.environ["LIVERSEG_HOME"] = tempfile.mkdtemp(prefix="liverseg-bench-study-")  # a registry of its own
+    home = Path(tempfile.mkdtemp(prefix="liverseg-bench-study-"))
+    os.environ["LIVERSEG_HOME"] = str(home)  # a registry of its own
+    if (Path(args.model) / "model_card.json").is_file():  # a folder: the bundled model of its name
+        args.model = stand_in_for_bundled(Path(args.model), home / "bundled")
 
     from LiverSegmentationLogic.inference.segmenter import Segmenter
     from LiverSegmentationLogic.io.datasets import convert_chaos_ct
@@ -55,8 +91,6 @@ def main():
     from LiverSegmentationLogic.studies.case_queue import CaseQueue
     from LiverSegmentationLogic.training.finetuning import finetune
 
-    home = Path(os.environ["LIVERSEG_HOME"])
-
     def case_paths(case: str) -> tuple[Path, Path]:
         dataset, patient = case.split("/")
         if dataset == "chaos-ct":  # a DICOM series + PNG ground truth: converted once
@@ -65,6 +99,7 @@ def main():
         return args.data / dataset / f"image_{patient}.nii.gz", args.data / dataset / f"label_{patient}.nii.gz"
 
     base = Segmenter(load_model(args.model), device="cpu")
+    replay = own_patients(base.model.card, args.data / "chaos-mr-t2", home / "replay" / "chaos-mr-t2")
     modality = base.model.card.get("modality", "")
     queue = CaseQueue(home / "queue", labels={"liver": 1}, modality="CT" if "ct" in args.cases[0] else modality)
     rows, tunes = [], []
@@ -87,7 +122,7 @@ def main():
                                      "suggestion_audit": {"model": suggestion.model}, **review})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):
             t0 = time.perf_counter()
-            result = finetune(args.model, queue.folder, replay=args.data / "chaos-mr-t2", study=args.study,
+            result = finetune(args.model, queue.folder, replay=replay, study=args.study,
                               time_budget_s=args.budget, device="cpu", log=lambda line: None)
             times = result.report["time_s"]
             tunes.append((index + 1, time.perf_counter() - t0, times["training"], len(result.report["evaluated_cases"]),

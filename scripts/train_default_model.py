@@ -61,6 +61,9 @@ def main():
     p.add_argument("--spacing", type=float, default=2.0, help="in-plane model grid, mm")
     p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--hold-out", nargs="+", default=[], metavar="PATIENT",
+                   help="patients kept out of training besides the validation ones (e.g. a study that "
+                        "benchmarks/bench_study.py replays with a model that never saw it)")
     p.add_argument("--init", type=Path, default=None, help="start from this model folder's weights")
     p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     p.add_argument("--note", default=None, help="written into the cards as 'notes' (e.g. how members were chosen)")
@@ -92,7 +95,8 @@ def main():
         print(f"read {len(loaded)} prepared training cases from {args.cache}")
     else:
         t0 = time.perf_counter()
-        loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id) for c in _train_cases(args.data)]
+        loaded = [load_case(c.images, c.label, config, LABEL_MAP, name=c.case_id)
+                  for c in _train_cases(args.data, args.hold_out)]
         print(f"loaded {len(loaded)} training cases in {time.perf_counter() - t0:.1f}s")
         if args.cache is not None:
             write_prepared_cases(args.cache, loaded)
@@ -134,9 +138,12 @@ def _ensemble_record(members) -> dict:
     }
 
 
-def _train_cases(data: Path):
+def _train_cases(data: Path, hold_out=()):
     cases = find_cases(data)
-    return [c for c in cases if c not in select_cases(cases, [str(n) for n in VALIDATION])]
+    missing = [n for n in hold_out if not select_cases(cases, [str(n)])]
+    if missing:
+        raise SystemExit(f"--hold-out: no patient {', '.join(map(str, missing))} in {data}")
+    return [c for c in cases if c not in select_cases(cases, [str(n) for n in [*VALIDATION, *hold_out]])]
 
 
 def _validate_and_save(args, name, task, network, card, training):
