@@ -38,12 +38,6 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def effort(suggestion: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
-    """(voxels the operator changes, axial slices they touch) to turn the suggestion into the reference."""
-    changed = suggestion != reference
-    return int(changed.sum()), int(np.any(changed, axis=(1, 2)).sum())
-
-
 def stand_in_for_bundled(folder: Path, bundled: Path) -> str:
     """Make a model folder the bundled model of its name (``LIVERSEG_MODELS_DIR``), so that study
     lines branch from it; returns that name."""
@@ -87,7 +81,12 @@ def main():
     from LiverSegmentationLogic.io.datasets import convert_chaos_ct
     from LiverSegmentationLogic.io.volumes import read_volume
     from LiverSegmentationLogic.models.model_files import load_model
-    from LiverSegmentationLogic.readouts.audit import review_record
+    from LiverSegmentationLogic.readouts.audit import correction_effort, review_record
+
+    def effort(suggestion: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
+        """(voxels the operator changes, axial slices they touch) to turn the suggestion into the reference."""
+        spent = correction_effort(suggestion, reference)
+        return spent["changed_voxels"], len(spent["slices_touched"])
     from LiverSegmentationLogic.studies.case_queue import CaseQueue
     from LiverSegmentationLogic.training.finetuning import finetune
 

@@ -269,7 +269,6 @@ class StudyReview:
         geometry = bridge.geometry_from_volume_node(self.input_node, world=False)
         ff_map, unit = c.fat_fraction_map(self.ff_node)
         readout = segmentation_readouts(final, geometry, classes, ff_map, c.settings["marginMm"], unit)
-        changed = np.zeros(final.shape, bool) if suggestion is None else final != suggestion
         record = {
             "case": self.current.case,
             "source": str(self.current.source),
@@ -279,10 +278,8 @@ class StudyReview:
             "model": model,
             "readout": readout,
             "suggestion_audit": json.loads(self.segmentation_node.GetAttribute(AUDIT_ATTRIBUTE) or "null"),
-            "changed_voxels": int(changed.sum()),
-            "slices_touched": [int(z) for z in np.flatnonzero(changed.reshape(changed.shape[0], -1).any(1))],
             **(review_record(suggestion, final, geometry, classes) if suggestion is not None
-               else {"final_segmentation_sha256": array_sha256(final)}),
+               else {"changed_voxels": 0, "slices_touched": [], "final_segmentation_sha256": array_sha256(final)}),
             "queue": "sending" if queue else None,
         }
         folder.mkdir(parents=True, exist_ok=True)

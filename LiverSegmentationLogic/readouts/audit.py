@@ -44,10 +44,20 @@ def audit_record(image: np.ndarray, labels: np.ndarray, model: dict, readout: di
     }
 
 
+def correction_effort(suggestion: np.ndarray, final: np.ndarray) -> dict:
+    """The operator's effort to turn the suggestion into the final labels: voxels changed and
+    the slices (first array axis) they lie on."""
+    changed = np.asarray(suggestion) != np.asarray(final)
+    touched = np.flatnonzero(changed.reshape(changed.shape[0], -1).any(1))
+    return {"changed_voxels": int(np.count_nonzero(changed)), "slices_touched": [int(z) for z in touched]}
+
+
 def review_record(suggestion: np.ndarray, final: np.ndarray, geometry: Geometry, classes: Sequence[dict]) -> dict:
-    """How much the operator changed the suggestion: Dice and volume change (mL) per class."""
+    """How much the operator changed the suggestion: Dice and volume change (mL) per class, and
+    the effort (:func:`correction_effort`)."""
     voxel_ml = geometry.voxel_volume_ml
     return {
+        **correction_effort(suggestion, final),
         "suggestion_dice": {c["name"]: dice(suggestion == c["label"], final == c["label"]) for c in classes},
         "changed_volume_ml": {
             c["name"]: float(np.count_nonzero(final == c["label"]) - np.count_nonzero(suggestion == c["label"]))

@@ -132,6 +132,9 @@ def test_export_to_queue_matches_the_edit(bridge, liver_segmentation, sample_res
     expected_dice = dice(sample_result.labels == 1, mask == 1)
     assert record["suggestion_dice"]["liver"] == pytest.approx(expected_dice) and expected_dice < 1.0
     assert record["changed_volume_ml"]["liver"] < 0
+    changed = sample_result.labels != mask  # the operator's effort, kept with the queued case
+    assert record["changed_voxels"] == np.count_nonzero(changed) > 0
+    assert record["slices_touched"] == [int(z) for z in np.flatnonzero(changed.any(axis=(1, 2)))]
     meta = json.loads((tmp_path / "queue" / "meta" / f"{case}.json").read_text())
     assert meta["operator"] == "ana" and meta["source_volume"] == "sample"
     # the segmentation node saved by Slicer's own storage node opens in slicerio with the same voxels
