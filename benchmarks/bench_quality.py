@@ -18,15 +18,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from LiverSegmentationLogic.inference.pipeline import segment_case
+from LiverSegmentationLogic.inference.scoring import BAD_DICE, GOOD_DICE, flag_rates, score_case
 from LiverSegmentationLogic.inference.segmenter import Segmenter
-from LiverSegmentationLogic.io.volumes import read_volume
+from LiverSegmentationLogic.io.datasets import CaseFiles
 from LiverSegmentationLogic.models.model_files import load_model
 from LiverSegmentationLogic.models.tasks import load_task
-from LiverSegmentationLogic.readouts.metrics import dice
-from LiverSegmentationLogic.readouts.quality import quality_check
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RUNS = [("abdomen-mr-t2", "chaos-mr-t2", [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32]),
@@ -50,32 +46,26 @@ def main():
             if not image_path.exists():
                 print(f"skipped {image_path} (not found)")
                 continue
-            reference = np.rint(read_volume(args.data / folder / f"label_{case}.nii.gz", validate=False).array)
-            result, readout = segment_case(segmenter, read_volume(image_path))
-            quality = quality_check(result.labels, result.geometry, result.classes, result.uncertain_by_label,
-                                    check_volumes=folder != "lits-ct")
-            scores = {c["name"]: dice(result.labels == c["label"], np.isin(reference, reference_values[c["name"]]))
-                      for c in result.classes}
-            rows.append({"model": model_name, "case": f"{folder}/{case}",
-                         "split": "validation" if str(case) in validation else "train" if str(case) in trained
-                         else "unseen",
-                         "dice": scores, "quality": quality})
-            flagged = "NEEDS REVIEW" if quality["status"] != "ok" else "ok"
-            dices = " ".join(f"{n[:6]} {d:.3f}" for n, d in scores.items())
-            print(f"{model_name:<14} {folder}/{case:<4} {rows[-1]['split']:<10} {dices}  {flagged} "
-                  + "; ".join(quality["reasons"]))
+            case_files = CaseFiles(f"{folder}/{case}", (image_path,), args.data / folder / f"label_{case}.nii.gz")
+            row = score_case(segmenter, case_files, reference_values, check_volumes=folder != "lits-ct")
+            row.update(model=model_name, split="validation" if str(case) in validation else
+                       "train" if str(case) in trained else "unseen")
+            rows.append(row)
+            quality = row["quality"]
+            dices = " ".join(f"{n[:6]} {d:.3f}" for n, d in row["dice"].items())
+            print(f"{model_name:<14} {row['case']:<16} {row['split']:<10} {dices}  "
+                  f"{'NEEDS REVIEW' if quality['status'] != 'ok' else 'ok'} " + "; ".join(quality["reasons"]))
     for title, subset in (("all patients", rows), ("patients the model never trained on",
                                                      [r for r in rows if r["split"] != "train"])):
-        bad = [(r, n) for r in subset for n, d in r["dice"].items() if d < 0.85]
-        bad_flagged = [(r, n) for r, n in bad if r["quality"]["status"] != "ok"]
-        good = [r for r in subset if min(r["dice"].values()) >= 0.93]
-        good_flagged = [r for r in good if r["quality"]["status"] != "ok"]
-        share = len(good_flagged) / len(good) if good else 0.0
-        print(f"\n{title} ({len(subset)} cases): structures with Dice < 0.85: {len(bad)}, flagged "
-              f"{len(bad_flagged)}; cases with every structure >= 0.93: {len(good)}, flagged {len(good_flagged)} "
-              f"({100 * share:.0f} %)")
-        for r, n in bad:
-            print(f"  {r['case']} {n} Dice {r['dice'][n]:.3f} -> {r['quality']['status']}")
+        rates = flag_rates(subset)
+        good = rates[f"cases_all_at_least_{GOOD_DICE}"]
+        good_flagged = rates[f"cases_all_at_least_{GOOD_DICE}_flagged"]
+        print(f"\n{title} ({len(subset)} cases): structures with Dice < {BAD_DICE}: "
+              f"{rates[f'structures_below_{BAD_DICE}']}, flagged {rates[f'structures_below_{BAD_DICE}_flagged']}; "
+              f"cases with every structure >= {GOOD_DICE}: {good}, flagged {good_flagged} "
+              f"({100 * good_flagged / max(good, 1):.0f} %)")
+        for missed in rates["missed"]:
+            print(f"  not flagged: {missed}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

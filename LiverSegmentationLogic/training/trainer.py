@@ -17,7 +17,6 @@ from monai.losses import DiceCELoss
 
 from ..io.volumes import channel_array, crop_volume, read_volume
 from ..inference.segmenter import resolve_device
-from ..readouts.metrics import dice
 from ..models.model_files import LoadedModel
 from ..models.network import UNet2D
 from ..inference.preprocessing import (
@@ -281,17 +280,11 @@ def evaluate_cases(model: LoadedModel, cases: Sequence, reference: dict[str, Seq
         cases: :class:`io.datasets.CaseFiles`.
         reference: class name -> the label values of the reference that make up that class.
     """
+    from ..inference.scoring import score_case
     from ..inference.segmenter import Segmenter
 
     segmenter = Segmenter(model, device="cpu")
-    per_case = {}
-    for case in cases:
-        images = [read_volume(p) for p in case.images]
-        ref = np.rint(read_volume(case.label, validate=False).array).astype(np.int64)
-        pred = segmenter.segment(images).labels
-        per_case[case.case_id] = {
-            c["name"]: dice(pred == c["label"], np.isin(ref, list(reference[c["name"]]))) for c in model.classes
-        }
+    per_case = {case.case_id: score_case(segmenter, case, reference)["dice"] for case in cases}
     names = [c["name"] for c in model.classes]
     mean = {n: float(np.mean([s[n] for s in per_case.values()])) for n in names}
     return {"per_case_dice": per_case, "mean_dice": mean}

@@ -95,3 +95,19 @@ def test_the_panel_shows_the_flag():
     html = readout_html(flagged, None)
     assert "Needs review" in html and "outside 600-4500 mL" in html
     assert "Quality check: ok" in readout_html(dict(flagged, quality={"status": OK, "reasons": []}), None)
+
+
+def test_flag_rates_count_missed_structures_and_needless_flags():
+    from LiverSegmentationLogic.inference.scoring import flag_rates
+
+    def row(case, dice, status):
+        return {"case": case, "dice": dice, "quality": {"status": status}}
+
+    rows = [row("a", {"liver": 0.96, "spleen": 0.00}, NEEDS_REVIEW),  # a missed spleen, flagged
+            row("b", {"liver": 0.95, "spleen": 0.83}, OK),            # a poor spleen nobody flagged
+            row("c", {"liver": 0.95, "spleen": 0.94}, NEEDS_REVIEW),  # a good case flagged needlessly
+            row("d", {"liver": 0.97, "spleen": 0.93}, OK)]
+    rates = flag_rates(rows)
+    assert rates["structures_below_0.85"] == 2 and rates["structures_below_0.85_flagged"] == 1
+    assert rates["cases_all_at_least_0.93"] == 2 and rates["cases_all_at_least_0.93_flagged"] == 1
+    assert rates["missed"] == ["b spleen (Dice 0.830)"]
