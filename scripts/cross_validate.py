@@ -5,11 +5,11 @@ Four steps, so that the training can run on a machine that has neither the data 
 
     # here: the folds and the prepared cases (model grid, float16) in one file
     python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ../shared/data/chaos-mr-t2 \
-        --folds 7 --work cv/mr
+        --folds 5 --work cv/mr
     # anywhere (carry cv/mr): each fold's model, and the members trained on every case; folds
     # run in parallel processes (--jobs), each checkpointed after every epoch (re-run to resume)
     python scripts/cross_validate.py train --work cv/mr --folds-to-train all --members 2 \
-        --epochs 250 --device cuda --jobs 9
+        --epochs 250 --device cuda --jobs 7
     # here: every patient segmented by the fold model that never saw it (full pipeline, input
     # grid): Dice per class, volumes, Bland-Altman, the quality control's flags
     python scripts/cross_validate.py evaluate --work cv/mr
