@@ -222,6 +222,12 @@ def model_names() -> list[str]:
     return sorted(names, key=lambda n: n != DEFAULT_MODEL)
 
 
+def origin_version(version: str) -> str:
+    """The bundled or trained version a fine-tuned version descends from: 2.0.0+TRIAL7-ft2 and
+    2.0.0-ft1 -> 2.0.0; a version's own hyphen stays (2.0.0-rc1+TRIAL7-ft2 -> 2.0.0-rc1)."""
+    return re.sub(r"(\+.*)?-ft\d+$", "", version)
+
+
 def new_version_folder(name: str, base_version: str, tag: str, study: Optional[str] = None) -> tuple[str, Path]:
     """A fresh registry folder ``<name>/<base_version>-<tag><n>``, or for a study's model line
     ``<name>/<base_version>+<study>-<tag><n>`` (n counts up from 1)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..studies.case_queue import CaseQueue
-from ..models.catalog import activate, new_version_folder, study_tag
+from ..models.catalog import activate, new_version_folder, origin_version, study_tag
 from ..io.datasets import CaseFiles, find_cases, select_cases
 from ..io.locations import home_dir
 from ..errors import LiverSegError
@@ -186,14 +186,9 @@ def _case_key(meta: dict) -> str:
     return f"{meta['case_id']}-{meta['image_sha256'][:12]}-{meta['label_sha256'][:12]}"
 
 
-def _origin_version(card: dict) -> str:
-    """The bundled or trained version a (fine-tuned) version descends from: 2.0.0+TRIAL7-ft2 -> 2.0.0."""
-    return str(card["version"]).split("+")[0].split("-")[0]
-
-
 def _line_origin(model: LoadedModel) -> LoadedModel:
     """The first model of ``model``'s line; the model itself where that version is not to be found."""
-    origin = _origin_version(model.card)
+    origin = origin_version(str(model.card["version"]))
     if origin == model.card["version"]:
         return model
     try:
@@ -335,7 +330,7 @@ def finetune(
     losses = train_network(network, cases, model.preprocess, train, log=log)
     train_s = time.perf_counter() - t_start - prepared_s
 
-    version, folder = new_version_folder(card["name"], _origin_version(card), "ft", study=study)
+    version, folder = new_version_folder(card["name"], origin_version(str(card["version"])), "ft", study=study)
     # built in a hidden staging folder and renamed at the end: a cancelled or failed run leaves no
     # version behind, and the registry never lists one without its validation
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")

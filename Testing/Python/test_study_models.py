@@ -20,7 +20,7 @@ from server_helpers import start_server, stop, wait_ready
 def register_study_version(study: str) -> str:
     """A study version of the default model (the bundled weights under a study-line version)."""
     bundled = catalog.find_model("liver-mr-t2@" + catalog.active_model("liver-mr-t2").version)
-    base = bundled.version.split("+")[0].split("-")[0]
+    base = catalog.origin_version(bundled.version)
     version, folder = catalog.new_version_folder("liver-mr-t2", base, "ft", study=study)
     folder.mkdir(parents=True)
     shutil.copy(bundled.folder / catalog.WEIGHTS_NAME, folder / catalog.WEIGHTS_NAME)
@@ -45,6 +45,14 @@ def test_a_study_has_its_own_active_version_and_rolls_back(home):
     assert catalog.rollback("liver-mr-t2", study="TRIAL 7/site-3").version == bundled
     with pytest.raises(ModelNotFoundError, match="Nothing to roll back"):
         catalog.rollback("liver-mr-t2", study="TRIAL 7/site-3")
+
+
+def test_a_fine_tuned_version_names_the_version_it_descends_from():
+    assert catalog.origin_version("2.0.0+TRIAL-7-site-3-ft2") == "2.0.0"
+    assert catalog.origin_version("2.0.0-ft1") == "2.0.0"
+    # a base version with a hyphen of its own (a release candidate, a benchmark's base) keeps it
+    assert catalog.origin_version("2.0.0-rc1+TRIAL-7-ft12") == "2.0.0-rc1"
+    assert catalog.origin_version("2.0.0-study-base") == "2.0.0-study-base"
 
 
 def test_an_older_registry_file_still_reads(home):
