@@ -19,7 +19,7 @@ a registry of its own (nothing active changes). Cases are ``lits-ct/N``, ``chaos
 An MR order needs a base model that never saw those patients (``--model`` takes a model folder,
 which then stands in for the bundled model of its name):
 
-    python scripts/train_default_model.py --hold-out 15 5 10 13 20 --epochs 250 --device cpu \
+    python scripts/train_default_model.py --hold-out 15 5 10 13 20 --epochs 150 --device cpu \
         --version 2.0.0-study-base --models runs/mr-study-base --checkpoint runs/mr-study-base.ckpt
     python benchmarks/bench_study.py --model runs/mr-study-base/liver-mr-t2 \
         --cases chaos-mr-t2/15 chaos-mr-t2/5 chaos-mr-t2/10 chaos-mr-t2/13 chaos-mr-t2/20
