@@ -118,8 +118,8 @@ def train(args):
                        "--epochs", str(args.epochs), "--time-budget", str(args.time_budget),
                        "--device", args.device, "--members", str(args.members)]
             log = open(args.work / f"{name}.log", "a")
-            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                   env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")  # the log shows each epoch
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)))
             print(f"training {name} (log: {args.work / (name + '.log')})", flush=True)
         time.sleep(1.0)
         for name, process in list(running):
