@@ -28,6 +28,7 @@ which then stands in for the bundled model of its name):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -38,11 +39,15 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def effort(spent: dict) -> tuple[int, int]:
+    """(voxels the operator changes, axial slices they touch) from a correction's effort record
+    (``audit.correction_effort``, also part of every review record)."""
+    return spent["changed_voxels"], len(spent["slices_touched"])
+
+
 def stand_in_for_bundled(folder: Path, bundled: Path) -> str:
     """Make a model folder the bundled model of its name (``LIVERSEG_MODELS_DIR``), so that study
     lines branch from it; returns that name."""
-    import json
-
     name = json.loads((folder / "model_card.json").read_text())["name"]
     bundled.mkdir(parents=True)
     (bundled / name).symlink_to(folder.resolve(), target_is_directory=True)
@@ -82,11 +87,6 @@ def main():
     from LiverSegmentationLogic.io.volumes import read_volume
     from LiverSegmentationLogic.models.model_files import load_model
     from LiverSegmentationLogic.readouts.audit import correction_effort, review_record
-
-    def effort(suggestion: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
-        """(voxels the operator changes, axial slices they touch) to turn the suggestion into the reference."""
-        spent = correction_effort(suggestion, reference)
-        return spent["changed_voxels"], len(spent["slices_touched"])
     from LiverSegmentationLogic.studies.case_queue import CaseQueue
     from LiverSegmentationLogic.training.finetuning import finetune
 
@@ -112,11 +112,12 @@ def main():
         suggestion = current.segment(image)
         loop = (suggestion.labels == 1).astype(np.uint8)
         plain = (base.segment(image).labels == 1).astype(np.uint8)
-        rows.append((case, current.model.card["version"], effort(plain, reference), effort(loop, reference)))
+        # queued as the panel exports it: with the suggestion's audit, its Dice against the correction
+        # and the correction's effort
+        review = review_record(loop, reference, image.geometry, [{"name": "liver", "label": 1}])
+        rows.append((case, current.model.card["version"], effort(correction_effort(plain, reference)), effort(review)))
         print(f"case {case}: model {rows[-1][1]}; effort without loop {rows[-1][2]}, with loop {rows[-1][3]}",
               flush=True)
-        # queued as the panel exports it: with the suggestion's audit and its Dice against the correction
-        review = review_record(loop, reference, image.geometry, [{"name": "liver", "label": 1}])
         queue.add(image, reference, {"study": args.study, "source": case,
                                      "suggestion_audit": {"model": suggestion.model}, **review})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):

@@ -284,7 +284,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence, reference: dict[str, Seq
     from ..inference.segmenter import Segmenter
 
     segmenter = Segmenter(model, device="cpu")
-    per_case = {case.case_id: score_case(segmenter, case, reference)["dice"] for case in cases}
+    per_case = {case.case_id: score_case(segmenter, case, reference, quality=False)["dice"] for case in cases}
     names = [c["name"] for c in model.classes]
     mean = {n: float(np.mean([s[n] for s in per_case.values()])) for n in names}
     return {"per_case_dice": per_case, "mean_dice": mean}
