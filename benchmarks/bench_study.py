@@ -2,6 +2,7 @@
 
     python benchmarks/bench_study.py [--every 2] [--budget 300] [--cases lits-ct/0 ... chaos-ct/1]
                                      [--model liver-mr-t2] [--study BENCH]
+                                     [--learning-rate 5e-4] [--replay-cases N]
 
 The MR liver model (``--model``) meets a study from a new domain one case at a time, in the given
 order: by default the 8 LiTS CT patients, then the CHAOS CT case (raw Hounsfield units, another
@@ -76,6 +77,9 @@ def main():
     parser.add_argument("--every", type=int, default=2, help="fine-tune after every k cases")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per fine-tune, all steps included")
     parser.add_argument("--study", default="BENCH")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="the fine-tunes' learning rate")
+    parser.add_argument("--replay-cases", type=int, default=None,
+                        help="replay cases per fine-tune (default: finetune's, as many as queued, at least 2)")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="liverseg-bench-study-"))
     os.environ["LIVERSEG_HOME"] = str(home)  # a registry of its own
@@ -122,8 +126,9 @@ def main():
                                      "suggestion_audit": {"model": suggestion.model}, **review})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):
             t0 = time.perf_counter()
-            result = finetune(args.model, queue.folder, replay=replay, study=args.study,
-                              time_budget_s=args.budget, device="cpu", log=lambda line: None)
+            result = finetune(args.model, queue.folder, replay=replay, replay_cases=args.replay_cases,
+                              learning_rate=args.learning_rate, study=args.study, time_budget_s=args.budget,
+                              device="cpu", log=lambda line: None)
             times = result.report["time_s"]
             tunes.append((index + 1, time.perf_counter() - t0, times["training"], len(result.report["evaluated_cases"]),
                           result.promoted, result.reason))
