@@ -11,7 +11,8 @@ Four steps, so that the training can run on a machine that has neither the data 
     python scripts/cross_validate.py train --work cv/mr --folds-to-train all --members 2 \
         --epochs 250 --device cuda --jobs 7
     # here: every patient segmented by the fold model that never saw it (full pipeline, input
-    # grid): Dice per class, volumes, Bland-Altman, the quality control's flags
+    # grid): Dice per class, volumes, Bland-Altman, the quality control's flags (while folds are
+    # still training: an interim estimate over the folds that have a model, which ship refuses)
     python scripts/cross_validate.py evaluate --work cv/mr
     # here: the members trained on every case, as one ensemble, with the cross-validated record
     python scripts/cross_validate.py ship --work cv/mr --version 3.0.0 --models Resources/Models \
@@ -177,9 +178,21 @@ def evaluate(args):
     task = load_task(plan["task"])
     reference_values = task.reference_values()
     files = {c.case_id: c for c in find_all_cases(plan["data"], len(task.channels))}
-    rows = []
-    for f, held in enumerate(plan["folds"]):
-        segmenter = Segmenter(load_model(args.work / f"fold{f}"), device=args.device)
+    # an interim estimate while folds are still training (they take hours each on a CPU): the
+    # folds with a model only, and the results say so (ship refuses them)
+    trained = [f for f in range(len(plan["folds"])) if (args.work / f"fold{f}" / "model_card.json").is_file()]
+    if not trained:
+        raise SystemExit(f"no fold model in {args.work} yet: run train first")
+    missing = sorted(set(range(len(plan["folds"]))) - set(trained))
+    if missing:
+        print(f"INTERIM: fold(s) {', '.join(map(str, missing))} not trained yet; evaluating folds "
+              f"{', '.join(map(str, trained))} only")
+    rows, epochs = [], {}
+    for f in trained:
+        held = plan["folds"][f]
+        model = load_model(args.work / f"fold{f}")
+        epochs[f] = model.card["training"]["epochs_run"]
+        segmenter = Segmenter(model, device=args.device)
         for case_id in held:
             real_spacing = not case_id.startswith("lits-ct/")  # LiTS files carry a 1 mm placeholder
             row = score_case(segmenter, files[case_id], reference_values, check_volumes=real_spacing)
@@ -187,6 +200,7 @@ def evaluate(args):
             print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
                   + f"  {row['quality']['status']}", flush=True)
     summary = summarise(rows, real_volumes=not any(r["case"].startswith("lits-ct/") for r in rows))
+    summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs)
     (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
     _print_summary(summary)
 
@@ -229,6 +243,9 @@ def _print_summary(summary: dict):
           f"{q['cases_all_at_least_0.93']} cases with every structure >= 0.93 flagged (target: <= 10 %)")
     for missed in q["missed"]:
         print(f"  not flagged: {missed}")
+    print("epochs run per fold: " + ", ".join(f"{f}: {n}" for f, n in summary["epochs_run"].items()))
+    if summary["folds_missing"]:
+        print(f"INTERIM estimate: fold(s) {summary['folds_missing']} not evaluated")
 
 
 # ----------------------------------------------------------------------------- ship
@@ -237,6 +254,9 @@ def ship(args):
 
     plan = _plan(args.work)
     results = json.loads((args.work / "cv_results.json").read_text())
+    if results["summary"].get("folds_missing"):
+        raise SystemExit(f"cv_results.json is interim (fold(s) {results['summary']['folds_missing']} were not "
+                         "evaluated): train every fold, then evaluate again")
     members = sorted(args.work.glob("member*/model_card.json"))
     if not members:
         raise SystemExit(f"no members in {args.work}: run train first")

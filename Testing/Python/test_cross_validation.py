@@ -57,6 +57,16 @@ def test_each_fold_model_never_saw_its_patients(cross_validated):
 
 def test_evaluation_and_the_shipped_card(cross_validated):
     root, work, _ = cross_validated
+    (work / "fold1").rename(work / "fold1-away")  # still training: an interim estimate, never shipped
+    out = run("evaluate", "--work", work)
+    (work / "fold1-away").rename(work / "fold1")
+    interim = json.loads((work / "cv_results.json").read_text())
+    assert "INTERIM" in out and interim["summary"]["folds_missing"] == [1]
+    assert {r["fold"] for r in interim["cases"]} == {0, 2} and interim["summary"]["epochs_run"] == {"0": 1, "2": 1}
+    refused = subprocess.run([sys.executable, str(SCRIPT), "ship", "--work", str(work), "--version", "9.9.9",
+                              "--models", str(root / "models")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "interim" in refused.stderr and not (root / "models").exists()
+
     run("evaluate", "--work", work)
     results = json.loads((work / "cv_results.json").read_text())
     plan = json.loads((work / "plan.json").read_text())
