@@ -18,11 +18,13 @@ fine-tuning on liver-only corrections does not teach it that the kidneys are bac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +214,9 @@ GATE_MARGIN = 1.25
 #: a whole-pipeline evaluation costs about this much more than the network pass alone (reading,
 #: probabilities back onto a CT's 512 x 512 grid, postprocessing): the gate's pace until one was measured
 PIPELINE_OVERHEAD = 2.0
+#: a staging folder a killed fine-tune left behind is removed by a later one once it is this old
+#: (a younger one may belong to a fine-tune still running)
+STALE_STAGING_S = 24 * 3600.0
 
 
 def finetune(
@@ -333,65 +338,84 @@ def finetune(
     version, folder = new_version_folder(card["name"], origin_version(str(card["version"])), "ft", study=study)
     # built in a hidden staging folder and renamed at the end: a cancelled or failed run leaves no
     # version behind, and the registry never lists one without its validation
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    new_card = dict(card, version=version)
-    save_model(staging, network, new_card)
-    candidate = load_model(staging)
+    with _staging_folder(folder) as staging:
+        new_card = dict(card, version=version)
+        save_model(staging, network, new_card)
+        candidate = load_model(staging)
 
-    t_gate = time.perf_counter()
-    if validation_cases:
-        report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
-    t_queued = time.perf_counter()
-    deadline = t_start + time_budget_s - SAVE_RESERVE_S
-    before, after, measured_voxels = _measure_newest_first(model, candidate, list(zip(queued_cases, cases)),
-                                                           known_before, written, deadline)
-    cache.save_scores(model, before)
-    cache.save_scores(candidate, after)
-    cache.save_gate_pace({"validation_cases": report["base_validation_cases"], "validation_s": t_queued - t_gate,
-                          "queued_seconds_per_voxel": (time.perf_counter() - t_queued) / max(measured_voxels, 1)})
-    if len(after) < len(queued_cases):
-        log(f"the gate measured the newest {len(after)} of {len(queued_cases)} queued cases (time budget)")
-    names = [c["name"] for c in card["classes"]]
-    report.update(
-        evaluated_cases=list(after),  # newest first
-        queue_before=_mean_per_class({c: before[c] for c in after}, names),
-        queue_after=_mean_per_class(after, names),
-        queue_before_per_case={c: before[c] for c in after},
-        queue_after_per_case=after,
-    )
-    total_s = time.perf_counter() - t_start
-    report["time_s"] = {"budget": time_budget_s, "total": round(total_s, 1), "preparation": round(prepared_s, 1),
-                        "training": round(train_s, 1), "validation": round(time.perf_counter() - t_gate, 1)}
-    promoted, reason = _promotion_decision(report, tolerance)
-    new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
-    if validation_cases:
-        new_card["validation"] = {
-            "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
-            "validation_cases": report["base_validation_cases"],
-            "mean_dice": report["base_validation_after"],
-        }
-    new_card.update(
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        finetuning={
-            "base": model.name_version,
-            "study": study_tag(study),
-            "base_sha256": card["sha256"],
-            "queue": str(Path(queue).resolve()),
-            "replay_cases": [c.case_id for c in replayed],
-            "epochs_run": len(losses),
-            "losses": [round(v, 5) for v in losses],
-            "learning_rate": learning_rate,
-            "wall_time_s": round(train_s, 1),
-        },
-        promotion={"promoted": promoted, "reason": reason, "tolerance": tolerance, **report},
-    )
-    save_model(staging, network, new_card)
-    os.replace(staging, folder)  # the version appears whole, or not at all
+        t_gate = time.perf_counter()
+        if validation_cases:
+            report["base_validation_after"] = evaluate_cases(candidate, validation_cases, reference)["mean_dice"]
+        t_queued = time.perf_counter()
+        deadline = t_start + time_budget_s - SAVE_RESERVE_S
+        before, after, measured_voxels = _measure_newest_first(model, candidate, list(zip(queued_cases, cases)),
+                                                               known_before, written, deadline)
+        cache.save_scores(model, before)
+        cache.save_scores(candidate, after)
+        cache.save_gate_pace({"validation_cases": report["base_validation_cases"], "validation_s": t_queued - t_gate,
+                              "queued_seconds_per_voxel": (time.perf_counter() - t_queued) / max(measured_voxels, 1)})
+        if len(after) < len(queued_cases):
+            log(f"the gate measured the newest {len(after)} of {len(queued_cases)} queued cases (time budget)")
+        names = [c["name"] for c in card["classes"]]
+        report.update(
+            evaluated_cases=list(after),  # newest first
+            queue_before=_mean_per_class({c: before[c] for c in after}, names),
+            queue_after=_mean_per_class(after, names),
+            queue_before_per_case={c: before[c] for c in after},
+            queue_after_per_case=after,
+        )
+        total_s = time.perf_counter() - t_start
+        report["time_s"] = {"budget": time_budget_s, "total": round(total_s, 1), "preparation": round(prepared_s, 1),
+                            "training": round(train_s, 1), "validation": round(time.perf_counter() - t_gate, 1)}
+        promoted, reason = _promotion_decision(report, tolerance)
+        new_card.pop("validation", None)  # the base model's; replaced by this model's own where measured
+        if validation_cases:
+            new_card["validation"] = {
+                "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+                "validation_cases": report["base_validation_cases"],
+                "mean_dice": report["base_validation_after"],
+            }
+        new_card.update(
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            finetuning={
+                "base": model.name_version,
+                "study": study_tag(study),
+                "base_sha256": card["sha256"],
+                "queue": str(Path(queue).resolve()),
+                "replay_cases": [c.case_id for c in replayed],
+                "epochs_run": len(losses),
+                "losses": [round(v, 5) for v in losses],
+                "learning_rate": learning_rate,
+                "wall_time_s": round(train_s, 1),
+            },
+            promotion={"promoted": promoted, "reason": reason, "tolerance": tolerance, **report},
+        )
+        save_model(staging, network, new_card)
+        os.replace(staging, folder)  # the version appears whole, or not at all
     if promoted:
         activate(f"{card['name']}@{version}", study=study)
     log(f"{card['name']}@{version}: {'ACTIVATED' if promoted else 'kept, not activated'}: {reason} "
         f"({total_s:.0f}s of a {time_budget_s:.0f}s budget)")
     return FinetuneResult(load_model(folder), promoted, reason, report)
+
+
+@contextlib.contextmanager
+def _staging_folder(folder: Path):
+    """A hidden folder beside ``folder`` to build a version in, removed if the run fails; staging
+    folders that a killed run left behind go once they are :data:`STALE_STAGING_S` old."""
+    now = time.time()
+    for stale in folder.parent.glob(".*.partial"):
+        try:
+            if now - stale.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # removed by another run meanwhile
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _measure_newest_first(model: LoadedModel, candidate: LoadedModel, queued: list[tuple[CaseFiles, TrainingCase]],

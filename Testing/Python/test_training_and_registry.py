@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -213,7 +214,8 @@ def test_new_version_folders_count_up(home):
 
 def test_an_interrupted_finetune_leaves_no_version_and_the_active_one(home, tmp_path, sample_case, monkeypatch):
     """The candidate is built in a hidden staging folder: a run that fails (or is killed) after
-    writing it lists no new version and changes nothing active."""
+    writing it lists no new version and changes nothing active. A failed run removes its staging
+    folder; one that a killed run left is removed by a later run once it is a day old."""
     from LiverSegmentationLogic.io.volumes import crop_volume
     from LiverSegmentationLogic.training import finetuning
 
@@ -234,10 +236,18 @@ def test_an_interrupted_finetune_leaves_no_version_and_the_active_one(home, tmp_
 
     monkeypatch.setattr(finetuning, "train_network", lambda *args, **kwargs: [])  # no training needed here
     monkeypatch.setattr(finetuning, "evaluate_cases", crash)  # ...and the run dies while checking the candidate
+    line = home / "models" / "liver-mr-t2"
+    killed, running = line / ".2.0.0+S-ft1.999.partial", line / ".2.0.0+S-ft1.998.partial"
+    for left in (killed, running):
+        left.mkdir(parents=True)
+        (left / catalog.CARD_NAME).write_text("{}")
+    day = time.time() - finetuning.STALE_STAGING_S
+    os.utime(killed, (day - 60, day - 60))
     with pytest.raises(RuntimeError, match="power cut"):
         finetune("liver-mr-t2", tmp_path / "q", study="S", device="cpu", log=lambda line: None)
     assert {e.ref for e in catalog.list_models()} == before
     assert catalog.active_model("liver-mr-t2", "S").ref == active
+    assert list(line.glob(".*.partial")) == [running]  # its own and the day-old one are gone
 
 
 def test_a_growing_queue_keeps_a_finetune_within_its_budget(home, tmp_path, sample_case, monkeypatch):
