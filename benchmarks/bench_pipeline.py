@@ -2,6 +2,7 @@
 own peak, through the API and through `liverseg segment` from a cold start.
 
     python benchmarks/bench_pipeline.py [--input IMAGE] [--repeats 3] [--cold 3] [--precisions fp32 bf16]
+                                        [--engines eager compile bf16 onnx]
 
 Prints:
 - the peak this run measures: a large fp32 (and bf16) matmul, and the network's heaviest
@@ -10,6 +11,11 @@ Prints:
   with a PDFF map, write), end to end, and the network's GFLOP/s;
 - `liverseg segment` from a cold start (a new process each time: imports, model loading, the
   whole case, writing), median wall time, and `python -X importtime` of its imports.
+- the inference engines on identical inputs (every slice of the volume through the network
+  alone): PyTorch eager (what ships: BatchNorm folded, channels-last, fp32), ``torch.compile``
+  (its one-off compile time apart), bf16 autocast, and ONNX Runtime (when ``onnxruntime`` is
+  installed; the export time apart); seconds, GFLOP/s, and how many model-grid pixels each labels
+  differently from eager.
 Targets (issue 21, on the bundled 33-slice sample): end to end through the API < 1 s, the CLI
 from a cold start < 1.5 s, with the labels of fp32.
 """
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from LiverSegmentationLogic.inference.pipeline import segment_case, write_segmentation
-from LiverSegmentationLogic.inference.preprocessing import prepare_volume
+from LiverSegmentationLogic.inference.preprocessing import neighbour_stack, prepare_volume
 from LiverSegmentationLogic.inference.segmenter import Segmenter, native_bf16
 from LiverSegmentationLogic.io.sample import sample_paths
 from LiverSegmentationLogic.io.volumes import Volume, read_volume
@@ -73,6 +79,66 @@ def heaviest_conv(network: torch.nn.Module, batch: torch.Tensor) -> tuple[str, f
         seconds = best_of(lambda: conv(x))
     shape = f"{conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x{conv.kernel_size[1]} on {tuple(x.shape)}"
     return shape, flops / seconds / 1e9
+
+
+def compare_engines(network: torch.nn.Module, stacks: torch.Tensor, batch_size: int, gflop: float,
+                    engines: list[str], repeats: int) -> None:
+    """Each engine over the same slices: seconds per volume (best of ``repeats`` after a warm-up),
+    GFLOP/s, and pixels whose label (argmax) differs from eager fp32."""
+    batches = list(torch.split(stacks, batch_size))
+
+    def run(forward):
+        with torch.inference_mode():
+            return torch.cat([forward(b) for b in batches]).argmax(1)
+
+    def eager(b):
+        return network(b.contiguous(memory_format=torch.channels_last))
+
+    reference = run(eager)
+    print(f"\ninference engines, the network alone over {len(stacks)} slices (batch {batch_size}):")
+    print(f"{'engine':>8} | {'seconds':>8} | GFLOP/s | one-off cost | pixels labelled unlike eager")
+    for engine in engines:
+        setup = 0.0
+        if engine == "eager":
+            forward = eager
+        elif engine == "bf16":
+            def forward(b):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return eager(b).float()
+        elif engine == "compile":
+            compiled = torch.compile(network)
+            t0 = time.perf_counter()
+            with torch.inference_mode():  # every batch shape once: the compile cost
+                for b in {tuple(b.shape): b for b in batches}.values():
+                    compiled(b.contiguous(memory_format=torch.channels_last))
+            setup = time.perf_counter() - t0
+
+            def forward(b):
+                return compiled(b.contiguous(memory_format=torch.channels_last))
+        elif engine == "onnx":
+            try:
+                import onnxruntime
+            except ImportError:
+                print(f"{engine:>8} | skipped: onnxruntime is not installed")
+                continue
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "network.onnx"
+                torch.onnx.export(network, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                  dynamo=True, verbose=False).save(str(path))
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()
+                session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            setup = time.perf_counter() - t0
+            name = session.get_inputs()[0].name
+
+            def forward(b):
+                return torch.from_numpy(session.run(None, {name: b.numpy()})[0])
+        else:
+            raise ValueError(engine)
+        seconds = best_of(lambda: run(forward), repeats)
+        differ = int(torch.count_nonzero(run(forward) != reference))
+        print(f"{engine:>8} | {seconds:>7.3f}s | {gflop / seconds:>7.1f} | {setup:>11.1f}s | {differ} of {reference.numel()}")
 
 
 def run_once(path: Path, segmenter: Segmenter, out_dir: Path) -> tuple[dict, np.ndarray]:
@@ -121,6 +187,8 @@ def main():
     p.add_argument("--cold", type=int, default=3, help="cold CLI runs per precision (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--engines", nargs="*", default=["eager", "compile", "bf16", "onnx"],
+                   choices=["eager", "compile", "bf16", "onnx"], help="inference engines to compare (none: skip)")
     args = p.parse_args()
 
     model = load_model(args.model)
@@ -143,6 +211,11 @@ def main():
         print(f"  bf16 matmul 2048^3: {matmul_peak(torch.bfloat16):7.1f} GFLOP/s")
     shape, conv_peak = heaviest_conv(member, batch)
     print(f"  heaviest conv, fp32 ({shape}): {conv_peak:7.1f} GFLOP/s\n")
+
+    if args.engines:
+        stacks = torch.from_numpy(neighbour_stack(prepared.image, np.arange(n_slices), model.preprocess.neighbours))
+        compare_engines(network, stacks, args.batch_size, gflop_slice * n_slices, args.engines, args.repeats)
+        print()
 
     header = f"{'precision':>9} | " + " | ".join(f"{s:>11}" for s in STAGES) + " | GFLOP/s | % of conv peak"
     print(header)
