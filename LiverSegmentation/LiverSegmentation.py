@@ -133,6 +133,10 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.ffUnitComboBox.connect("currentTextChanged(QString)", lambda v: self.saveSetting("ffUnit", v, True))
         self.ui.marginSpinBox.connect("valueChanged(double)", lambda v: self.saveSetting("marginMm", v, True))
         self.ui.serverAddressLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("serverAddress", v))
+        self.ui.serverKeyPathLineEdit.connect("currentPathChanged(QString)",
+                                              lambda v: self.saveSetting("serverKeyFile", v))
+        self.ui.clientCertPathLineEdit.connect("currentPathChanged(QString)",
+                                               lambda v: self.saveSetting("clientCertFile", v))
         self.ui.studyLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("study", v))
         self.ui.operatorLineEdit.connect("textChanged(QString)", lambda v: self.saveSetting("operatorName", v))
         self.ui.queueFolderPathLineEdit.connect("currentPathChanged(QString)",
@@ -159,6 +163,8 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.ffUnitComboBox.currentText = s["ffUnit"]
         self.ui.marginSpinBox.value = s["marginMm"]
         self.ui.serverAddressLineEdit.text = s["serverAddress"]
+        self.ui.serverKeyPathLineEdit.currentPath = s["serverKeyFile"]
+        self.ui.clientCertPathLineEdit.currentPath = s["clientCertFile"]
         self.ui.studyLineEdit.text = s["study"]
         self.ui.operatorLineEdit.text = s["operatorName"]
         self.ui.queueFolderPathLineEdit.currentPath = s["queueFolder"]
@@ -233,6 +239,8 @@ class LiverSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.deviceComboBox.enabled = not remote
         self.ui.modelComboBox.enabled = not remote  # the server decides its model
         self.ui.serverAddressLineEdit.enabled = remote
+        self.ui.serverKeyPathLineEdit.enabled = remote
+        self.ui.clientCertPathLineEdit.enabled = remote
         self.ui.testConnectionButton.enabled = remote and c.task is None
         p = self._parameterNode
         hasInput = bool(p and p.inputVolume)

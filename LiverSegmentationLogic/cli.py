@@ -66,8 +66,14 @@ def cmd_review(args) -> int:
     out = Path(args.output) if args.output else study.with_name(study.name + "-results")
     settings = {"backend": "Remote" if args.server else "Local", "study": args.study_tag,
                 "operatorName": args.operator}
+    keys = [k for k in (args.curve_server_key, args.curve_client_cert) if k]
+    if keys and (len(keys) == 1 or not args.server or not all(Path(k).is_file() for k in keys)):
+        print("error: CurveZMQ needs --server, --curve-server-key and --curve-client-cert, both files present",
+              file=sys.stderr)
+        return 2
     if args.server:
-        settings["serverAddress"] = args.server
+        settings.update(serverAddress=args.server, serverKeyFile=args.curve_server_key,
+                        clientCertFile=args.curve_client_cert)
     if args.model:
         settings["model"] = args.model
     if args.queue:
@@ -527,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None,
                    help="results folder (batch results are shown, reviews written beside them; "
                         "default: STUDY-results next to the study)")
-    p.add_argument("--server", help="segment on this inference server (plain, no CurveZMQ), e.g. tcp://gpu-host:5555")
+    p.add_argument("--server", help="segment on this inference server, e.g. tcp://gpu-host:5555")
+    p.add_argument("--curve-server-key", default="", help="the server's public certificate (CurveZMQ)")
+    p.add_argument("--curve-client-cert", default="", help="this operator's secret certificate (CurveZMQ)")
     p.add_argument("--queue", default=None, help="fine-tuning queue folder (a folder per task is made in it)")
     p.add_argument("--model", default=None, help="model name for local segmentation (default: liver-mr-t2)")
     p.add_argument("--study-tag", default="", help="study / site tag recorded with the cases and their model line")

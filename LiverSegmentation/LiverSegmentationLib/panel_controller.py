@@ -42,6 +42,10 @@ DEFAULT_SETTINGS = {
     "device": "auto",
     "model": "liver-mr-t2",
     "serverAddress": "tcp://127.0.0.1:5555",
+    # CurveZMQ, for a server on a network (both or neither, made by `liverseg keys`): the server's
+    # public key and this operator's secret certificate (the server knows operators and trainers by it)
+    "serverKeyFile": "",
+    "clientCertFile": "",
     "queueFolder": str(Path.home() / "LiverSegmentationQueue"),
     "study": "",
     "operatorName": "",
@@ -167,15 +171,54 @@ class _Run:
     discarded: bool = False
 
 
+class ServerConnection:
+    """How the panel reaches the inference server: its address and, when both key files are set,
+    CurveZMQ with this operator's certificate (a server on a network answers only the clients whose
+    key it holds, and lets only trainers fine-tune or change versions).
+
+    Raises:
+        PanelError: one key file without the other, a file that cannot be read, or a certificate
+            without its secret key.
+    """
+
+    def __init__(self, address: str, server_key_file: str = "", client_cert_file: str = ""):
+        self.address = address
+        self.curve = {}
+        server_key_file, client_cert_file = server_key_file.strip(), client_cert_file.strip()
+        if not server_key_file and not client_cert_file:
+            return
+        if not (server_key_file and client_cert_file):
+            raise PanelError("for CurveZMQ give both the server's public key file and your secret certificate "
+                             "(or neither, for a server on this machine)")
+        import zmq.auth
+
+        try:
+            server_key = zmq.auth.load_certificate(server_key_file)[0]
+            secret = zmq.auth.load_certificate(client_cert_file)[1]
+        except (OSError, ValueError) as exc:
+            raise PanelError(f"cannot read the CurveZMQ key files: {exc}") from exc
+        if secret is None:
+            raise PanelError(f"{client_cert_file} holds no secret key: choose your .key_secret file")
+        self.curve = {"curve_server_key": server_key, "curve_client_cert": client_cert_file}
+
+    @classmethod
+    def from_settings(cls, settings) -> "ServerConnection":
+        return cls(settings["serverAddress"], settings["serverKeyFile"], settings["clientCertFile"])
+
+    def client(self, **options):
+        """A new ``InferenceClient`` (``options``: its timeouts and retries)."""
+        from LiverSegmentationLogic.remote.client import InferenceClient
+
+        return InferenceClient(self.address, **self.curve, **options)
+
+
 def default_job_starter(backend: str, volume, ff_map, model: str, device: str, margin_mm: float, ff_unit: str,
-                        server_address: str, study: Optional[str] = None, python: Optional[str] = None):
+                        server: Optional[ServerConnection], study: Optional[str] = None,
+                        python: Optional[str] = None):
     """A local process (``liverseg segment`` in PythonSlicer) or a remote thread job; ``study``
     picks the model version active for that study."""
     if backend == "Remote":
-        from LiverSegmentationLogic.remote.client import InferenceClient
-
-        return RemoteJob(InferenceClient(server_address), volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit,
-                         study=study)
+        return RemoteJob(server.client(), volume, ff_map, margin_mm=margin_mm, ff_unit=ff_unit, study=study)
     python = python or shutil.which("PythonSlicer") or sys.executable
     return LocalProcessJob(volume, ff_map, model=model or None, device=device, margin_mm=margin_mm,
                            ff_unit=ff_unit, python=python, study=study)
@@ -186,7 +229,8 @@ class PanelController:
 
     Args:
         settings: a :class:`PanelSettings`.
-        start_job: ``(backend, volume, ff_map, model, device, margin_mm, ff_unit, server_address, study) -> job``;
+        start_job: ``(backend, volume, ff_map, model, device, margin_mm, ff_unit, server, study) -> job``
+            (``server``: a :class:`ServerConnection` for the Remote backend, else None);
             default :func:`default_job_starter`.
         clock: seconds, monotonic (tests pass a fake one).
         readout_delay_s: quiet time after the last edit before the readout is recomputed.
@@ -237,6 +281,7 @@ class PanelController:
         if input_node is None:
             raise PanelError("select an input volume")
         s = self.settings
+        server = ServerConnection.from_settings(s) if s["backend"] == "Remote" else None
         volume = bridge.volume_from_node(input_node)  # world grid: TransformError for a warped volume
         ff_map = bridge.volume_from_node(ff_node) if ff_node is not None else None
         self._run = _Run(
@@ -246,7 +291,7 @@ class PanelController:
         )
         try:
             self.job = self._start_job(s["backend"], volume, ff_map, s["model"], s["device"], s["marginMm"],
-                                       s["ffUnit"], s["serverAddress"], s["study"].strip() or None)
+                                       s["ffUnit"], server, s["study"].strip() or None)
         except Exception:
             self._run = None
             raise
@@ -438,7 +483,7 @@ class PanelController:
         if not study:
             raise PanelError("enter the study: fine-tuning adapts the model to one study")
         if s["backend"] == "Remote":
-            self.finetune = _RemoteFinetune(s["serverAddress"], model, study, s["finetuneBudget"])
+            self.finetune = _RemoteFinetune(ServerConnection.from_settings(s), model, study, s["finetuneBudget"])
         else:
             folder = self._model_queue_folder(model)
             python = shutil.which("PythonSlicer") or sys.executable
@@ -474,12 +519,10 @@ class PanelController:
 
         _, study = _adaptation(self.settings)
         if self.settings["backend"] == "Remote":
-            address = self.settings["serverAddress"]
+            server = ServerConnection.from_settings(self.settings)
 
             def change():
-                from LiverSegmentationLogic.remote.client import InferenceClient
-
-                with InferenceClient(address) as client:
+                with server.client() as client:
                     return getattr(client, op)(ref, study=study)
 
             self._start_task("Model change", change)
@@ -489,16 +532,14 @@ class PanelController:
 
     def test_connection(self):
         """Ask the server for its info, off the GUI thread (a down server takes seconds to time out)."""
-        address = self.settings["serverAddress"]
+        server = ServerConnection.from_settings(self.settings)
 
         def info():
-            from LiverSegmentationLogic.remote.client import InferenceClient
-
-            with InferenceClient(address, connect_timeout_s=3, retries=0) as client:
+            with server.client(connect_timeout_s=3, retries=0) as client:
                 return client.info()
 
         self._start_task("Test connection", info)
-        self.status = f"Asking {address}..."
+        self.status = f"Asking {server.address}..."
 
     # ------------------------------------------------------------------ export
     def queue_folder_for(self, task: str) -> Path:
@@ -532,7 +573,8 @@ class PanelController:
                                                         bridge.suggestion_of(segmentation_node), meta)
         labels = {c["name"]: int(c["label"]) for c in classes}
         if s["backend"] == "Remote":
-            self._start_task("Export", _submit_remote, s["serverAddress"], image, corrected, record, labels)
+            self._start_task("Export", _submit_remote, ServerConnection.from_settings(s), image, corrected, record,
+                             labels)
         else:
             folder = self.queue_folder_for(meta["task"])
             self._start_task("Export", _write_local, folder, image, corrected, record, labels, meta["modality"])
@@ -546,26 +588,22 @@ def _write_local(folder, image, corrected, record, labels, modality):
     return queue.add(image, corrected, record), str(folder)
 
 
-def _submit_remote(address, image, corrected, record, labels):
-    from LiverSegmentationLogic.remote.client import InferenceClient
-
-    with InferenceClient(address) as client:
-        return client.submit(image, corrected, record, labels=labels), f"the server's queue ({address})"
+def _submit_remote(server: ServerConnection, image, corrected, record, labels):
+    with server.client() as client:
+        return client.submit(image, corrected, record, labels=labels), f"the server's queue ({server.address})"
 
 
 # ----------------------------------------------------------------------------- adapting to a study
 class _RemoteFinetune:
     """A fine-tune on the server, followed from a thread (the server answers in seconds)."""
 
-    def __init__(self, address: str, model: str, study: Optional[str], time_budget_s: float):
+    def __init__(self, server: ServerConnection, model: str, study: Optional[str], time_budget_s: float):
         self._status: dict = {"state": "running", "epoch": 0, "epochs": None, "loss": None, "outcome": None}
         self._cancel = False
-        self._job = ThreadJob(self._follow, address, model, study, time_budget_s)
+        self._job = ThreadJob(self._follow, server, model, study, time_budget_s)
 
-    def _follow(self, address, model, study, time_budget_s):
-        from LiverSegmentationLogic.remote.client import InferenceClient
-
-        with InferenceClient(address) as client:
+    def _follow(self, server, model, study, time_budget_s):
+        with server.client() as client:
             self._status = client.train(model=model, study=study, time_budget_s=time_budget_s)
             while self._status["state"] == "running":
                 time.sleep(2.0)

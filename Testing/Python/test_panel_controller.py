@@ -501,3 +501,58 @@ def test_adapt_to_the_study_from_the_panel(clean_scene, small_case, tmp_path, ho
     assert catalog.active_model("liver-mr-t2").ref == base  # other studies keep theirs
     controller.roll_back()
     assert catalog.active_model("liver-mr-t2", "S").ref == base
+
+
+def _wait_for_task(controller, timeout=30):
+    deadline = time.monotonic() + timeout
+    while controller.task is not None and time.monotonic() < deadline:
+        controller.tick()
+        time.sleep(0.05)
+    assert controller.task is None, "the task did not end"
+    return controller.status
+
+
+def test_the_panel_reaches_a_curve_server_with_the_operator_s_key(tmp_path, home):
+    """A server on a network answers only the keys it holds and lets only trainers change versions:
+    the panel connects with the operator's certificate, and the server tells operator from trainer."""
+    import zmq.auth
+
+    from server_helpers import start_server, stop
+    from test_study_models import register_study_version
+
+    keys, clients, trainers = tmp_path / "keys", tmp_path / "clients", tmp_path / "trainers"
+    for folder in (keys, clients, trainers):
+        folder.mkdir()
+    server_key, server_secret = zmq.auth.create_certificates(str(keys), "server")
+    ana_key, ana = zmq.auth.create_certificates(str(keys), "ana")
+    lea_key, lea = zmq.auth.create_certificates(str(keys), "lea")
+    for key in (ana_key, lea_key):
+        (clients / Path(key).name).write_text(Path(key).read_text())
+    (trainers / Path(lea_key).name).write_text(Path(lea_key).read_text())
+    version = register_study_version("TRIAL7")
+    proc, address = start_server("--curve-secret", server_secret, "--curve-clients", clients,
+                                 "--curve-trainers", trainers, workers=0)
+    try:
+        def panel(**keys):
+            return controller_with(tmp_path, backend="Remote", serverAddress=address, study="TRIAL7", **keys)
+
+        operator = panel(serverKeyFile=server_key, clientCertFile=ana)
+        operator.test_connection()
+        assert _wait_for_task(operator).startswith("Server ")
+        operator.use_version(f"liver-mr-t2@{version}")
+        assert "only trainers" in _wait_for_task(operator)
+        trainer = panel(serverKeyFile=server_key, clientCertFile=lea)
+        trainer.use_version(f"liver-mr-t2@{version}")
+        assert _wait_for_task(trainer) == f"The study now uses liver-mr-t2@{version} on the server"
+
+        without_keys = panel()
+        without_keys.test_connection()
+        assert "unreachable" in _wait_for_task(without_keys)  # the server never answers an unknown client
+        with pytest.raises(pc.PanelError, match="both"):
+            panel(serverKeyFile=server_key).test_connection()
+        with pytest.raises(pc.PanelError, match="no secret key"):
+            panel(serverKeyFile=server_key, clientCertFile=ana_key).test_connection()  # the public half
+        with pytest.raises(pc.PanelError, match="cannot read"):
+            panel(serverKeyFile=tmp_path / "missing.key", clientCertFile=ana).test_connection()
+    finally:
+        stop(proc)
