@@ -54,6 +54,11 @@ def cmd_review(args) -> int:
     import secrets
     import socket
 
+    keys = [k for k in (args.curve_server_key, args.curve_client_cert) if k]
+    if keys and (len(keys) == 1 or not args.server or not all(Path(k).is_file() for k in keys)):
+        print("error: CurveZMQ needs --server, --curve-server-key and --curve-client-cert, both files present",
+              file=sys.stderr)
+        return 2
     try:
         from LiverSegmentationReview.app import serve
     except ImportError as exc:
@@ -66,11 +71,6 @@ def cmd_review(args) -> int:
     out = Path(args.output) if args.output else study.with_name(study.name + "-results")
     settings = {"backend": "Remote" if args.server else "Local", "study": args.study_tag,
                 "operatorName": args.operator}
-    keys = [k for k in (args.curve_server_key, args.curve_client_cert) if k]
-    if keys and (len(keys) == 1 or not args.server or not all(Path(k).is_file() for k in keys)):
-        print("error: CurveZMQ needs --server, --curve-server-key and --curve-client-cert, both files present",
-              file=sys.stderr)
-        return 2
     if args.server:
         settings.update(serverAddress=args.server, serverKeyFile=args.curve_server_key,
                         clientCertFile=args.curve_client_cert)

@@ -129,3 +129,13 @@ def test_missing_and_corrupt_model(tmp_path):
     (bad / "model.pt").write_bytes(bytes(weights))
     r = liverseg("segment", image_path, "-o", tmp_path / "o.nrrd", "--model", bad)
     assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_review_refuses_half_a_curve_key_pair(tmp_path):
+    key = tmp_path / "server.key"
+    key.write_text("")
+    for args in (["--server", "tcp://gpu:5555", "--curve-server-key", key],  # no certificate
+                 ["--server", "tcp://gpu:5555", "--curve-server-key", key, "--curve-client-cert", tmp_path / "no"],
+                 ["--curve-server-key", key, "--curve-client-cert", key]):  # keys without a server
+        r = liverseg("review", tmp_path, *args, "--port", 0)
+        assert r.returncode == 2 and "CurveZMQ needs --server" in r.stderr, r.stderr
