@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
@@ -171,7 +170,7 @@ def _train_one(args, plan: dict, name: str):
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(args):
     """Every patient through the full pipeline by the fold model that never saw it."""
-    from LiverSegmentationLogic.inference.scoring import score_case
+    from LiverSegmentationLogic.inference.scoring import has_real_spacing, score_case, summarise
     from LiverSegmentationLogic.inference.segmenter import Segmenter
 
     plan = _plan(args.work)
@@ -194,38 +193,14 @@ def evaluate(args):
         epochs[f] = model.card["training"]["epochs_run"]
         segmenter = Segmenter(model, device=args.device)
         for case_id in held:
-            real_spacing = not case_id.startswith("lits-ct/")  # LiTS files carry a 1 mm placeholder
-            row = score_case(segmenter, files[case_id], reference_values, check_volumes=real_spacing)
+            row = score_case(segmenter, files[case_id], reference_values, check_volumes=has_real_spacing(case_id))
             rows.append(dict(row, fold=f))
             print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
                   + f"  {row['quality']['status']}", flush=True)
-    summary = summarise(rows, real_volumes=not any(r["case"].startswith("lits-ct/") for r in rows))
+    summary = summarise(rows)
     summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs)
     (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
     _print_summary(summary)
-
-
-def summarise(rows: list[dict], real_volumes: bool = True) -> dict:
-    """Per class: Dice mean/min, volume error per patient and Bland-Altman (percent of the
-    reference volume); the quality control against the issue's targets."""
-    from LiverSegmentationLogic.inference.scoring import flag_rates
-    from LiverSegmentationLogic.readouts.metrics import bland_altman
-
-    names = list(rows[0]["dice"])
-    per_class = {}
-    for n in names:
-        scores = [r["dice"][n] for r in rows]
-        record = {"mean_dice": float(np.mean(scores)), "min_dice": float(np.min(scores))}
-        if real_volumes:
-            errors = [100.0 * (r["volume_ml"][n] - r["reference_ml"][n]) / r["reference_ml"][n] for r in rows
-                      if r["reference_ml"][n] > 0]
-            record["volume_error_percent"] = [round(e, 2) for e in errors]
-            if len(errors) >= 2:
-                agreement = bland_altman(errors, [0.0] * len(errors))
-                record["bland_altman_percent"] = {k: round(v, 2) if isinstance(v, float) else v
-                                                  for k, v in agreement.items()}
-        per_class[n] = record
-    return {"per_class": per_class, "quality": flag_rates(rows)}
 
 
 def _print_summary(summary: dict):
@@ -250,6 +225,7 @@ def _print_summary(summary: dict):
 
 # ----------------------------------------------------------------------------- ship
 def ship(args):
+    from LiverSegmentationLogic.inference.scoring import validation_record
     from LiverSegmentationLogic.models.network import UNetEnsemble
 
     plan = _plan(args.work)
@@ -273,17 +249,10 @@ def ship(args):
     for name in [plan["task"], *args.views]:
         task = load_task(name)
         names = [c["name"] for c in task.card()["classes"]]
-        validation = {
-            "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
-            "method": f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient "
-                      "segmented by the fold model that never saw it; the shipped members are trained on every "
-                      "patient",
-            "validation_cases": [r["case"] for r in results["cases"]],
-            "per_case_dice": {r["case"]: {n: r["dice"][n] for n in names} for r in results["cases"]},
-            "mean_dice": {n: results["summary"]["per_class"][n]["mean_dice"] for n in names},
-            "per_class": {n: results["summary"]["per_class"][n] for n in names},
-            "quality": results["summary"]["quality"],
-        }
+        validation = validation_record(
+            results["cases"], results["summary"], names,
+            f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient segmented "
+            "by the fold model that never saw it; the shipped members are trained on every patient")
         card = {**models[0].card, **task.card(), "version": args.version, "created": _now(),
                 "tool_version": __version__, "training": training, "validation": validation}
         save_model(args.models / name, network, card)

@@ -1,5 +1,6 @@
 """A segmentation scored against its reference, as the benchmarks and the cross-validation report
-it: Dice and volumes per class, and the quality control's verdict on the prediction."""
+it: Dice and volumes per class, and the quality control's verdict on the prediction; a set of
+cross-validated scores summarised for a model card (per patient and per class, Bland-Altman)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import numpy as np
 
 from ..io.datasets import CaseFiles
 from ..io.volumes import read_volume
-from ..readouts.metrics import dice
+from ..readouts.metrics import bland_altman, dice
 from ..readouts.quality import quality_check
 from .segmenter import Segmenter
 
 #: the quality control's targets (issue 17): every structure below BAD_DICE flagged, at most
 #: 10 % of the cases whose structures all reach GOOD_DICE flagged
 BAD_DICE, GOOD_DICE = 0.85, 0.93
+#: datasets whose files carry a placeholder voxel size (LiTS-derived slices: 1 mm): their volumes
+#: mean nothing, so neither the quality control's volume checks nor volume errors use them
+NO_REAL_SPACING = ("lits-ct/",)
+
+
+def has_real_spacing(case_id: str) -> bool:
+    return not case_id.startswith(NO_REAL_SPACING)
 
 
 def score_case(segmenter: Segmenter, case: CaseFiles, reference_values: dict[str, Sequence[int]],
@@ -65,4 +73,39 @@ def flag_rates(rows: Sequence[dict]) -> dict:
         f"cases_all_at_least_{GOOD_DICE}": len(good),
         f"cases_all_at_least_{GOOD_DICE}_flagged": sum(flagged(r) for r in good),
         "missed": [f"{r['case']} {name} (Dice {r['dice'][name]:.3f})" for r, name in bad if not flagged(r)],
+    }
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Rows of :func:`score_case` (each patient scored by a model that never saw it), per class:
+    Dice mean/min, volume error per patient and Bland-Altman in percent of the reference volume
+    (patients with a real voxel size only); and the quality control against its targets."""
+    names = list(rows[0]["dice"])
+    per_class = {}
+    for n in names:
+        scores = [r["dice"][n] for r in rows]
+        record = {"mean_dice": float(np.mean(scores)), "min_dice": float(np.min(scores))}
+        errors = [100.0 * (r["volume_ml"][n] - r["reference_ml"][n]) / r["reference_ml"][n] for r in rows
+                  if r["reference_ml"][n] > 0 and has_real_spacing(r["case"])]
+        if errors:
+            record["volume_error_percent"] = [round(e, 2) for e in errors]
+        if len(errors) >= 2:
+            agreement = bland_altman(errors, [0.0] * len(errors))
+            record["bland_altman_percent"] = {k: round(v, 2) if isinstance(v, float) else v
+                                              for k, v in agreement.items()}
+        per_class[n] = record
+    return {"per_class": per_class, "quality": flag_rates(rows)}
+
+
+def validation_record(rows: Sequence[dict], summary: dict, names: Sequence[str], method: str) -> dict:
+    """A model card's ``validation`` entry from cross-validated rows and their :func:`summarise`,
+    for the classes ``names`` (a view of a task shows some of its classes)."""
+    return {
+        "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+        "method": method,
+        "validation_cases": [r["case"] for r in rows],
+        "per_case_dice": {r["case"]: {n: r["dice"][n] for n in names} for r in rows},
+        "mean_dice": {n: summary["per_class"][n]["mean_dice"] for n in names},
+        "per_class": {n: summary["per_class"][n] for n in names},
+        "quality": summary["quality"],
     }

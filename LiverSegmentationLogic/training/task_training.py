@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .. import __version__
 from ..models.catalog import activate as set_active
 from ..models.catalog import active_model, new_version_folder, resolve_model_folder
 from ..io.datasets import CaseFiles, find_all_cases, k_folds, split_cases
-from ..inference.segmenter import resolve_device
+from ..inference.scoring import has_real_spacing, score_case, summarise, validation_record
+from ..inference.segmenter import Segmenter, resolve_device
 from ..models.model_files import LoadedModel, load_model, save_model
 from ..models.network import UNet2D
 from ..models.tasks import Task
@@ -119,24 +119,23 @@ def train_task(
     reference = task.reference_values()
     t0 = time.perf_counter()
     if folds and folds > 1:
-        per_fold = []
+        rows = []
         for f, held in enumerate(k_folds(cases, folds, seed)):
             log(f"fold {f + 1}/{folds}: validating on {', '.join(c.case_id for c in held)}")
             train_cases = [c for c in cases if c not in held]
             model = _fit(task, train_cases, epochs, time_budget_s, seed, device, None, log, Path(tempfile.mkdtemp()))
-            per_fold.append(evaluate_cases(model, held, reference))
+            segmenter = Segmenter(model, device="cpu")
+            rows += [dict(score_case(segmenter, c, reference, check_volumes=has_real_spacing(c.case_id)), fold=f)
+                     for c in held]
             shutil.rmtree(model.folder, ignore_errors=True)
-        names = list(reference)
-        scores = {n: [s[n] for fold in per_fold for s in fold["per_case_dice"].values()] for n in names}
-        validation_record = {
-            "method": f"{folds}-fold patient-wise cross-validation (the shipped model is then trained on every case)",
-            "folds": per_fold,
-            "mean_dice": {n: float(np.mean(v)) for n, v in scores.items()},
-        }
+        record = validation_record(
+            rows, summarise(rows), list(reference),
+            f"{folds}-fold patient-wise cross-validation: each case segmented by the fold model that never saw it "
+            "(the shipped model is then trained on every case)")
         train_cases, held = cases, []
     else:
         train_cases, held = split_cases(cases, validation or task.training_option("validation_cases"), seed=seed)
-        validation_record = None
+        record = None
 
     registry_version = output is None
     if registry_version:
@@ -145,16 +144,14 @@ def train_task(
         + (f", validating on {', '.join(c.case_id for c in held)}" if held else ""))
     model = _fit(task, train_cases, epochs, time_budget_s, seed, device, checkpoint, log, Path(output), version,
                  datasets)
-    if validation_record is None:
-        validation_record = {"method": "patient-wise hold-out", **evaluate_cases(model, held, reference)}
-    card = dict(model.card, validation={
-        "metric": "Dice on the input grid after the full pipeline (postprocessing included)",
-        "validation_cases": [c.case_id for c in held],
-        **validation_record,
-    })
+    if record is None:
+        record = {"metric": "Dice on the input grid after the full pipeline (postprocessing included)",
+                  "method": "patient-wise hold-out", "validation_cases": [c.case_id for c in held],
+                  **evaluate_cases(model, held, reference)}
+    card = dict(model.card, validation=record)
     card["training"]["total_wall_time_s"] = round(time.perf_counter() - t0, 1)
     save_model(model.folder, model.network, card)
-    log(f"validation mean Dice: {', '.join(f'{k} {v:.3f}' for k, v in validation_record['mean_dice'].items())}")
+    log(f"validation mean Dice: {', '.join(f'{k} {v:.3f}' for k, v in record['mean_dice'].items())}")
     if registry_version and (activate or (activate is None and active_model(task.name) is None)):
         set_active(f"{task.name}@{version}")
         log(f"activated {task.name}@{version}")

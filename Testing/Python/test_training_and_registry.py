@@ -99,6 +99,27 @@ def test_tiny_training_reduces_loss_and_writes_a_loadable_model_with_a_card(home
     assert again.card["training"]["losses"] == losses
 
 
+def test_train_with_folds_records_every_case_by_a_model_that_never_saw_it(home, tmp_path, chaos_mr):
+    """``liverseg train --folds k``: the card holds each case's Dice from its fold model, volume
+    errors and Bland-Altman per class, and the quality control's rates, as the CV script's do."""
+    data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21, 31])
+    task = load_task(small_task_file(home))
+    trained_on = []
+    model = train_task(task, [data], output=tmp_path / "model", epochs=1, folds=3,
+                       log=lambda line: trained_on.append(line) if line.startswith("fold") else None)
+    record = model.card["validation"]
+    cases = ["mr/1", "mr/21", "mr/31"]
+    assert sorted(record["validation_cases"]) == cases and sorted(record["per_case_dice"]) == cases
+    # one case per fold, in the order the folds trained
+    assert [line.split(": validating on ")[1] for line in trained_on] == record["validation_cases"]
+    assert "3-fold" in record["method"] and model.card["training"]["train_cases"] == cases  # shipped: all
+    liver = record["per_class"]["liver"]
+    assert len(liver["volume_error_percent"]) == 3 and "bias" in liver["bland_altman_percent"]
+    assert liver["mean_dice"] == pytest.approx(np.mean([d["liver"] for d in record["per_case_dice"].values()]))
+    assert record["quality"]["structures_below_0.85"] == sum(
+        d < 0.85 for case in record["per_case_dice"].values() for d in case.values())
+
+
 def test_registry_activation_is_used_by_segment(home, tmp_path):
     bundled = load_model("liver-mr-t2")
     version, folder = catalog.new_version_folder("liver-mr-t2", "1.0.0", "ft")
