@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
 from LiverSegmentationLogic.models.model_files import load_model, save_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 import time
 
 import zmq
+import zmq.auth
 
 from LiverSegmentationLogic.remote.client import InferenceClient
 from LiverSegmentationLogic.remote.protocol import unpack
@@ -65,3 +67,20 @@ def raw_request(address, frames, timeout_ms=30000):
                 return header
     finally:
         sock.close()
+
+
+def operator_and_trainer_keys(folder):
+    """CurveZMQ certificates for a server with two clients, operator 'ana' and trainer 'lea':
+    ``(server_options, files)``; the options are ``liverseg serve`` arguments, ``files`` the
+    server's public key and each client's public and secret certificate."""
+    keys, clients, trainers = folder / "keys", folder / "clients", folder / "trainers"
+    for sub in (keys, clients, trainers):
+        sub.mkdir()
+    files = {}
+    files["server"], server_secret = zmq.auth.create_certificates(str(keys), "server")
+    for name in ("ana", "lea"):
+        files[name + "_public"], files[name] = zmq.auth.create_certificates(str(keys), name)
+        shutil.copy(files[name + "_public"], clients)
+    shutil.copy(files["lea_public"], trainers)
+    options = ["--curve-secret", server_secret, "--curve-clients", clients, "--curve-trainers", trainers]
+    return options, files

@@ -515,23 +515,13 @@ def _wait_for_task(controller, timeout=30):
 def test_the_panel_reaches_a_curve_server_with_the_operator_s_key(tmp_path, home):
     """A server on a network answers only the keys it holds and lets only trainers change versions:
     the panel connects with the operator's certificate, and the server tells operator from trainer."""
-    import zmq.auth
-
-    from server_helpers import start_server, stop
+    from server_helpers import operator_and_trainer_keys, start_server, stop
     from test_study_models import register_study_version
 
-    keys, clients, trainers = tmp_path / "keys", tmp_path / "clients", tmp_path / "trainers"
-    for folder in (keys, clients, trainers):
-        folder.mkdir()
-    server_key, server_secret = zmq.auth.create_certificates(str(keys), "server")
-    ana_key, ana = zmq.auth.create_certificates(str(keys), "ana")
-    lea_key, lea = zmq.auth.create_certificates(str(keys), "lea")
-    for key in (ana_key, lea_key):
-        (clients / Path(key).name).write_text(Path(key).read_text())
-    (trainers / Path(lea_key).name).write_text(Path(lea_key).read_text())
+    options, files = operator_and_trainer_keys(tmp_path)
+    server_key, ana, ana_key, lea = files["server"], files["ana"], files["ana_public"], files["lea"]
     version = register_study_version("TRIAL7")
-    proc, address = start_server("--curve-secret", server_secret, "--curve-clients", clients,
-                                 "--curve-trainers", trainers, workers=0)
+    proc, address = start_server(*options, workers=0)
     try:
         def panel(**keys):
             return controller_with(tmp_path, backend="Remote", serverAddress=address, study="TRIAL7", **keys)

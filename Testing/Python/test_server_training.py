@@ -13,25 +13,17 @@ from LiverSegmentationLogic.errors import RemoteError
 from LiverSegmentationLogic.io.volumes import crop_volume
 from LiverSegmentationLogic.models import catalog
 from LiverSegmentationLogic.remote.client import InferenceClient
-from server_helpers import start_server, stop
+from server_helpers import operator_and_trainer_keys, start_server, stop
 from test_study_models import register_study_version
 
 
 @pytest.fixture()
 def keyed_server(home, tmp_path):
     """A CurveZMQ server with a queue; 'ana' is an operator, 'lea' also a trainer."""
-    keys, clients, trainers = tmp_path / "keys", tmp_path / "clients", tmp_path / "trainers"
-    for folder in (keys, clients, trainers):
-        folder.mkdir()
-    server_public, server_secret = zmq.auth.create_certificates(str(keys), "server")
-    _, ana = zmq.auth.create_certificates(str(keys), "ana")
-    _, lea = zmq.auth.create_certificates(str(keys), "lea")
-    for name in ("ana", "lea"):
-        (clients / f"{name}.key").write_text((keys / f"{name}.key").read_text())
-    (trainers / "lea.key").write_text((keys / "lea.key").read_text())
-    proc, address = start_server("--curve-secret", server_secret, "--curve-clients", clients, "--curve-trainers",
-                                 trainers, "--queue", tmp_path / "queue", "--auto-finetune", 2, workers=1)
-    server_key = zmq.auth.load_certificate(server_public)[0]
+    options, files = operator_and_trainer_keys(tmp_path)
+    ana, lea = files["ana"], files["lea"]
+    proc, address = start_server(*options, "--queue", tmp_path / "queue", "--auto-finetune", 2, workers=1)
+    server_key = zmq.auth.load_certificate(files["server"])[0]
 
     def client(cert):
         return InferenceClient(address, curve_server_key=server_key, curve_client_cert=cert, idle_timeout_s=60)
