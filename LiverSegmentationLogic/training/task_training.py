@@ -110,6 +110,8 @@ def train_task(
             a random fifth of the cases.
         folds: k > 1 runs k-fold cross-validation (k trainings) for the card's metrics, then trains
             the shipped model on every case.
+        checkpoint: written after every epoch and resumed from; with ``folds``, each fold model
+            has its own beside it (``<name>-fold<f><suffix>``).
         activate: make the new registry version active; default: only if the task has no active
             model yet.
         device: where the network trains: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``.
@@ -123,7 +125,11 @@ def train_task(
         for f, held in enumerate(k_folds(cases, folds, seed)):
             log(f"fold {f + 1}/{folds}: validating on {', '.join(c.case_id for c in held)}")
             train_cases = [c for c in cases if c not in held]
-            model = _fit(task, train_cases, epochs, time_budget_s, seed, device, None, log, Path(tempfile.mkdtemp()))
+            # each fold resumes from a checkpoint of its own beside the final model's
+            fold_checkpoint = (checkpoint.with_name(f"{checkpoint.stem}-fold{f}{checkpoint.suffix}")
+                               if checkpoint else None)
+            model = _fit(task, train_cases, epochs, time_budget_s, seed, device, fold_checkpoint, log,
+                         Path(tempfile.mkdtemp()))
             segmenter = Segmenter(model, device="cpu")
             rows += [dict(score_case(segmenter, c, reference, check_volumes=has_real_spacing(c.case_id)), fold=f)
                      for c in held]

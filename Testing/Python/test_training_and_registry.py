@@ -105,7 +105,7 @@ def test_train_with_folds_records_every_case_by_a_model_that_never_saw_it(home, 
     data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21, 31])
     task = load_task(small_task_file(home))
     trained_on = []
-    model = train_task(task, [data], output=tmp_path / "model", epochs=1, folds=3,
+    model = train_task(task, [data], output=tmp_path / "model", epochs=1, folds=3, checkpoint=tmp_path / "c.pt",
                        log=lambda line: trained_on.append(line) if line.startswith("fold") else None)
     record = model.card["validation"]
     cases = ["mr/1", "mr/21", "mr/31"]
@@ -118,6 +118,14 @@ def test_train_with_folds_records_every_case_by_a_model_that_never_saw_it(home, 
     assert liver["mean_dice"] == pytest.approx(np.mean([d["liver"] for d in record["per_case_dice"].values()]))
     assert record["quality"]["structures_below_0.85"] == sum(
         d < 0.85 for case in record["per_case_dice"].values() for d in case.values())
+    # interrupted and run again: every fold and the final model resume from their checkpoints (all
+    # finished here), so nothing trains again and the record is the same
+    resumed = []
+    again = train_task(task, [data], output=tmp_path / "again", epochs=1, folds=3, checkpoint=tmp_path / "c.pt",
+                       log=resumed.append)
+    assert sum(line.startswith("resumed from") for line in resumed) == 4
+    assert not any(line.startswith("epoch") for line in resumed)
+    assert again.card["validation"]["per_case_dice"] == record["per_case_dice"]
 
 
 def test_registry_activation_is_used_by_segment(home, tmp_path):
