@@ -81,6 +81,46 @@ def heaviest_conv(network: torch.nn.Module, batch: torch.Tensor) -> tuple[str, f
     return shape, flops / seconds / 1e9
 
 
+def channels_last(network: torch.nn.Module):
+    """The network's forward on channels-last batches (how the segmenter runs it on the CPU)."""
+    return lambda b: network(b.contiguous(memory_format=torch.channels_last))
+
+
+def engine_forward(engine: str, network: torch.nn.Module, batches: list) -> tuple:
+    """``(forward, one-off seconds)`` of one engine, or None when it is not installed here."""
+    eager = channels_last(network)
+    if engine == "eager":
+        return eager, 0.0
+    if engine == "bf16":
+        def bf16(b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return eager(b).float()
+        return bf16, 0.0
+    if engine == "compile":
+        t0 = time.perf_counter()
+        compiled = channels_last(torch.compile(network))
+        with torch.inference_mode():  # every batch shape once: the compile cost
+            for b in {tuple(b.shape): b for b in batches}.values():
+                compiled(b)
+        return compiled, time.perf_counter() - t0
+    if engine == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "network.onnx"
+            torch.onnx.export(network, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              dynamo=True, verbose=False).save(str(path))
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return (lambda b: torch.from_numpy(session.run(None, {name: b.numpy()})[0])), time.perf_counter() - t0
+    raise ValueError(engine)
+
+
 def compare_engines(network: torch.nn.Module, stacks: torch.Tensor, batch_size: int, gflop: float,
                     engines: list[str], repeats: int) -> None:
     """Each engine over the same slices: seconds per volume (best of ``repeats`` after a warm-up),
@@ -91,54 +131,19 @@ def compare_engines(network: torch.nn.Module, stacks: torch.Tensor, batch_size: 
         with torch.inference_mode():
             return torch.cat([forward(b) for b in batches]).argmax(1)
 
-    def eager(b):
-        return network(b.contiguous(memory_format=torch.channels_last))
-
-    reference = run(eager)
+    reference = run(channels_last(network))
     print(f"\ninference engines, the network alone over {len(stacks)} slices (batch {batch_size}):")
     print(f"{'engine':>8} | {'seconds':>8} | GFLOP/s | one-off cost | pixels labelled unlike eager")
     for engine in engines:
-        setup = 0.0
-        if engine == "eager":
-            forward = eager
-        elif engine == "bf16":
-            def forward(b):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return eager(b).float()
-        elif engine == "compile":
-            compiled = torch.compile(network)
-            t0 = time.perf_counter()
-            with torch.inference_mode():  # every batch shape once: the compile cost
-                for b in {tuple(b.shape): b for b in batches}.values():
-                    compiled(b.contiguous(memory_format=torch.channels_last))
-            setup = time.perf_counter() - t0
-
-            def forward(b):
-                return compiled(b.contiguous(memory_format=torch.channels_last))
-        elif engine == "onnx":
-            try:
-                import onnxruntime
-            except ImportError:
-                print(f"{engine:>8} | skipped: onnxruntime is not installed")
-                continue
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "network.onnx"
-                torch.onnx.export(network, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                  dynamo=True, verbose=False).save(str(path))
-                options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = torch.get_num_threads()
-                session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            setup = time.perf_counter() - t0
-            name = session.get_inputs()[0].name
-
-            def forward(b):
-                return torch.from_numpy(session.run(None, {name: b.numpy()})[0])
-        else:
-            raise ValueError(engine)
-        seconds = best_of(lambda: run(forward), repeats)
+        made = engine_forward(engine, network, batches)
+        if made is None:
+            print(f"{engine:>8} | skipped: onnxruntime is not installed")
+            continue
+        forward, setup = made
+        seconds = best_of(lambda: run(forward), repeats)  # noqa: B023 (timed within this iteration)
         differ = int(torch.count_nonzero(run(forward) != reference))
-        print(f"{engine:>8} | {seconds:>7.3f}s | {gflop / seconds:>7.1f} | {setup:>11.1f}s | {differ} of {reference.numel()}")
+        print(f"{engine:>8} | {seconds:>7.3f}s | {gflop / seconds:>7.1f} | {setup:>11.1f}s | "
+              f"{differ} of {reference.numel()}")
 
 
 def run_once(path: Path, segmenter: Segmenter, out_dir: Path) -> tuple[dict, np.ndarray]:

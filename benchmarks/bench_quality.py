@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from LiverSegmentationLogic.inference.scoring import BAD_DICE, GOOD_DICE, flag_rates, score_case
+from LiverSegmentationLogic.inference.scoring import BAD_DICE, GOOD_DICE, flag_rates, has_real_spacing, score_case
 from LiverSegmentationLogic.inference.segmenter import Segmenter
 from LiverSegmentationLogic.io.datasets import CaseFiles
 from LiverSegmentationLogic.models.model_files import load_model
@@ -55,7 +55,8 @@ def main():
                 print(f"skipped {image_path} (not found)")
                 continue
             case_files = CaseFiles(f"{folder}/{case}", (image_path,), args.data / folder / f"label_{case}.nii.gz")
-            row = score_case(segmenter, case_files, reference_values, check_volumes=folder != "lits-ct")
+            row = score_case(segmenter, case_files, reference_values,
+                             check_volumes=has_real_spacing(case_files.case_id))
             row.update(model=model_name, split="validation" if str(case) in validation else
                        "train" if str(case) in trained else "unseen")
             rows.append(row)

@@ -60,6 +60,17 @@ def controller_with(tmp_path, clock=None, **settings):
     return pc.PanelController(s, clock=clock or FakeClock())
 
 
+def wait_for_task(controller, timeout=60):
+    """Tick until the controller's background task (export, model change, test connection) ends;
+    its status line."""
+    deadline = time.monotonic() + timeout
+    while controller.task is not None and time.monotonic() < deadline:
+        controller.tick()
+        time.sleep(0.02)
+    assert controller.task is None, "the task did not end"
+    return controller.status
+
+
 def run_until_idle(controller, timeout=180, max_tick_s=None):
     deadline = time.monotonic() + timeout
     slowest = 0.0
@@ -318,10 +329,7 @@ def test_a_reopened_scene_is_exported_against_its_own_suggestion(clean_scene, sm
         controller.export(a, segmentation)  # nobody named: refused
     controller.settings["operatorName"] = "ana"
     controller.export(a, segmentation)
-    deadline = time.monotonic() + 60
-    while controller.task is not None and time.monotonic() < deadline:
-        controller.tick()
-        time.sleep(0.02)
+    wait_for_task(controller)
     record, where = controller.task_result
     assert where == str(tmp_path / "queues" / "liver-mr-t2")  # a queue per task
     assert controller.status == f"Queued as {record['case_id']} in {where}"
@@ -472,9 +480,7 @@ def test_adapt_to_the_study_from_the_panel(clean_scene, small_case, tmp_path, ho
     image, liver, clock, controller, a, segmentation = reviewed_case(tmp_path, small_case, study="S",
                                                                      operatorName="ana", finetuneBudget=10.0)
     controller.export(a, segmentation)
-    while controller.task is not None:
-        controller.tick()
-        time.sleep(0.02)
+    wait_for_task(controller)
     summary = controller.adaptation_summary()
     assert summary["study"] == "S" and summary["queued"] == 1 and summary["versions"] == []
     base = summary["active"]
@@ -503,15 +509,6 @@ def test_adapt_to_the_study_from_the_panel(clean_scene, small_case, tmp_path, ho
     assert catalog.active_model("liver-mr-t2", "S").ref == base
 
 
-def _wait_for_task(controller, timeout=30):
-    deadline = time.monotonic() + timeout
-    while controller.task is not None and time.monotonic() < deadline:
-        controller.tick()
-        time.sleep(0.05)
-    assert controller.task is None, "the task did not end"
-    return controller.status
-
-
 def test_the_panel_reaches_a_curve_server_with_the_operator_s_key(tmp_path, home):
     """A server on a network answers only the keys it holds and lets only trainers change versions:
     the panel connects with the operator's certificate, and the server tells operator from trainer."""
@@ -528,16 +525,16 @@ def test_the_panel_reaches_a_curve_server_with_the_operator_s_key(tmp_path, home
 
         operator = panel(serverKeyFile=server_key, clientCertFile=ana)
         operator.test_connection()
-        assert _wait_for_task(operator).startswith("Server ")
+        assert wait_for_task(operator).startswith("Server ")
         operator.use_version(f"liver-mr-t2@{version}")
-        assert "only trainers" in _wait_for_task(operator)
+        assert "only trainers" in wait_for_task(operator)
         trainer = panel(serverKeyFile=server_key, clientCertFile=lea)
         trainer.use_version(f"liver-mr-t2@{version}")
-        assert _wait_for_task(trainer) == f"The study now uses liver-mr-t2@{version} on the server"
+        assert wait_for_task(trainer) == f"The study now uses liver-mr-t2@{version} on the server"
 
         without_keys = panel()
         without_keys.test_connection()
-        assert "unreachable" in _wait_for_task(without_keys)  # the server never answers an unknown client
+        assert "unreachable" in wait_for_task(without_keys)  # the server never answers an unknown client
         with pytest.raises(pc.PanelError, match="both"):
             panel(serverKeyFile=server_key).test_connection()
         with pytest.raises(pc.PanelError, match="no secret key"):
