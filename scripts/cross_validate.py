@@ -6,6 +6,8 @@ Four steps, so that the training can run on a machine that has neither the data 
     # here: the folds and the prepared cases (model grid, float16) in one file
     python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ../shared/data/chaos-mr-t2 \
         --folds 5 --work cv/mr
+    # (CT: --task liver-ct --data ../shared/data/lits-ct ../shared/data/chaos-ct-1; the CHAOS CT
+    # DICOM case is converted into the work folder)
     # anywhere (carry cv/mr): each fold's model, and the members trained on every case; folds
     # run in parallel processes (--jobs), each checkpointed after every epoch (re-run to resume)
     python scripts/cross_validate.py train --work cv/mr --folds-to-train all --members 2 \
@@ -80,16 +82,31 @@ def prepare(args):
     from LiverSegmentationLogic.training.task_training import load_task_cases
 
     task = load_task(args.task)
-    cases = find_all_cases(args.data, len(task.channels))
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = dataset_folders(args.data, args.work)
+    cases = find_all_cases(data, len(task.channels))
     folds = k_folds(cases, args.folds, args.seed)
     t0 = time.perf_counter()
     loaded = load_task_cases(task, cases)
-    args.work.mkdir(parents=True, exist_ok=True)
     write_prepared_cases(args.work / "cases.npz", loaded)
-    plan = {"task": task.name, "data": [str(Path(d).resolve()) for d in args.data], "seed": args.seed,
+    plan = {"task": task.name, "data": [str(Path(d).resolve()) for d in data], "seed": args.seed,
             "folds": [[c.case_id for c in fold] for fold in folds]}
     (args.work / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(f"{len(cases)} cases in {len(folds)} folds, prepared in {time.perf_counter() - t0:.0f}s: {args.work}")
+
+
+def dataset_folders(data: list[Path], work: Path) -> list[Path]:
+    """The dataset folders as ``find_cases`` reads them: a CHAOS CT case as published (a DICOM
+    series ``DICOM_anon`` and the liver PNGs ``Ground``) is converted into ``work/chaos-ct`` first,
+    where ``evaluate`` later finds it (case ``chaos-ct/1``)."""
+    from LiverSegmentationLogic.io.datasets import convert_chaos_ct
+
+    folders = []
+    for folder in map(Path, data):
+        if (folder / "DICOM_anon").is_dir() and (folder / "Ground").is_dir():
+            folder = convert_chaos_ct(folder, work / "chaos-ct").images[0].parent
+        folders.append(folder)
+    return folders
 
 
 def _plan(work: Path) -> dict:

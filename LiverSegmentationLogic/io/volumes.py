@@ -1,16 +1,21 @@
-"""Reading and writing volumes with their full geometry (SimpleITK)."""
+"""Reading and writing volumes with their full geometry (SimpleITK).
+
+SimpleITK is imported where a file is read or written, not with this module: a training-only
+machine (a GPU server given prepared cases) uses the geometry and arrays without it."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..errors import ImageReadError, InvalidImageError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 #: file name endings of the image formats the tools write or look for (longest first)
@@ -78,6 +83,8 @@ class Volume:
     geometry: Geometry
 
     def to_sitk(self) -> sitk.Image:
+        import SimpleITK as sitk
+
         image = sitk.GetImageFromArray(self.array)
         image.SetSpacing(self.geometry.spacing)
         image.SetOrigin(self.geometry.origin)
@@ -86,6 +93,8 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> "Volume":
+        import SimpleITK as sitk
+
         return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image))
 
 
@@ -115,6 +124,8 @@ def read_volume(path: Union[str, os.PathLike], validate: bool = True) -> Volume:
         ImageReadError: the path does not exist or holds no readable image.
         InvalidImageError: the image is not a 3D scalar volume of finite, non-constant values.
     """
+    import SimpleITK as sitk
+
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"No such file or folder: {path}")
@@ -137,6 +148,8 @@ def read_volume(path: Union[str, os.PathLike], validate: bool = True) -> Volume:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    import SimpleITK as sitk
+
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise ImageReadError(f"No DICOM series in folder: {folder}")
@@ -193,6 +206,8 @@ def validate_geometry(geometry: Geometry, name: str = "image") -> None:
 
 def write_labelmap(path: Union[str, os.PathLike], labels: np.ndarray, geometry: Geometry) -> Path:
     """Write a uint8 labelmap (NRRD, NIfTI, MHA... by extension) on the given grid."""
+    import SimpleITK as sitk
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Volume(np.ascontiguousarray(labels, dtype=np.uint8), geometry).to_sitk()
@@ -212,6 +227,8 @@ def write_seg_nrrd(
         segments: one dict per label with keys ``label`` (int), ``name`` (str), ``color``
             (3 floats in 0-1) and optionally ``terminology`` (slicerio's terminology dict).
     """
+    import SimpleITK as sitk
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = np.ascontiguousarray(labels, dtype=np.uint8)

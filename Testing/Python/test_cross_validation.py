@@ -91,3 +91,32 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     image = read_volume(root / "chaos-mr-t2" / "image_21.nii.gz")
     labels = Segmenter(view, device="cpu").segment(image).labels
     assert labels.shape == image.array.shape and set(np.unique(labels)) <= {0, 1}
+
+
+def test_training_step_runs_without_simpleitk(cross_validated, tmp_path):
+    # the GPU machine that trains has neither the data nor SimpleITK: the prepared cases suffice
+    _, work, _ = cross_validated
+    for name in ("cases.npz", "plan.json"):
+        (tmp_path / name).symlink_to(work / name)
+    code = ("import runpy, sys; sys.modules['SimpleITK'] = None; "
+            f"sys.argv = ['cross_validate.py', 'train', '--work', {str(tmp_path)!r}, '--one', 'fold0', "
+            "'--epochs', '1', '--time-budget', '2', '--device', 'cpu']; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert load_model(tmp_path / "fold0").card["training"]["epochs_run"] == 1
+
+
+def test_prepare_converts_the_chaos_ct_dicom_case(lits_ct, chaos_ct, tmp_path):
+    data = tmp_path / "lits-ct"
+    data.mkdir()
+    for kind in ("image", "label"):
+        (data / f"{kind}_1.nii.gz").symlink_to(lits_ct / f"{kind}_1.nii.gz")  # the smallest (27 slices)
+    work = tmp_path / "work"
+    run("prepare", "--task", "liver-ct", "--data", data, chaos_ct, "--folds", 2, "--work", work)
+    plan = json.loads((work / "plan.json").read_text())
+    assert sorted(c for fold in plan["folds"] for c in fold) == ["chaos-ct/1", "lits-ct/1"]
+    assert plan["data"] == [str(data.resolve()), str((work / "chaos-ct").resolve())]
+    with np.load(work / "cases.npz") as cases:
+        assert {"chaos-ct/1/labels", "lits-ct/1/labels"} <= set(cases.files)
+        assert cases["chaos-ct/1/labels"].any()  # the liver PNGs landed on the DICOM slices
