@@ -2,7 +2,7 @@
 
     python benchmarks/bench_study.py [--every 2] [--budget 300] [--cases lits-ct/0 ... chaos-ct/1]
                                      [--model liver-mr-t2] [--study BENCH]
-                                     [--learning-rate 5e-4] [--replay-cases N]
+                                     [--learning-rate 5e-4] [--replay-cases N] [--compare FOLDER]
 
 The MR liver model (``--model``) meets a study from a new domain one case at a time, in the given
 order: by default the 8 LiTS CT patients, then the CHAOS CT case (raw Hounsfield units, another
@@ -24,6 +24,10 @@ which then stands in for the bundled model of its name):
         --version 2.0.0-study-base --models runs/mr-study-base --checkpoint runs/mr-study-base.ckpt
     python benchmarks/bench_study.py --model runs/mr-study-base/liver-mr-t2 \
         --cases chaos-mr-t2/15 chaos-mr-t2/5 chaos-mr-t2/10 chaos-mr-t2/13 chaos-mr-t2/20
+
+``--compare FOLDER`` adds another model's effort on each case, e.g. a cross-validation fold model
+trained in full on more patients of the domain: what retraining, rather than a 5-minute
+fine-tune, would give. Cases that model trained on are marked and left out of its ratio.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="the fine-tunes' learning rate")
     parser.add_argument("--replay-cases", type=int, default=None,
                         help="replay cases per fine-tune (default: finetune's, as many as queued, at least 2)")
+    parser.add_argument("--compare", type=Path, help="a model folder whose effort is shown beside (not in the loop)")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="liverseg-bench-study-"))
     os.environ["LIVERSEG_HOME"] = str(home)  # a registry of its own
@@ -102,6 +107,9 @@ def main():
         return args.data / dataset / f"image_{patient}.nii.gz", args.data / dataset / f"label_{patient}.nii.gz"
 
     base = Segmenter(load_model(args.model), device="cpu")
+    other = Segmenter(load_model(args.compare), device="cpu") if args.compare else None
+    other_seen = set(other.model.card["training"]["train_cases"]) if other else set()
+    compared = []  # (case, effort or None where that model trained on the case)
     replay = own_patients(base.model.card, args.data / "chaos-mr-t2", home / "replay" / "chaos-mr-t2")
     modality = base.model.card.get("modality", "")
     queue = CaseQueue(home / "queue", labels={"liver": 1}, modality="CT" if "ct" in args.cases[0] else modality)
@@ -122,6 +130,12 @@ def main():
         rows.append((case, current.model.card["version"], effort(correction_effort(plain, reference)), effort(review)))
         print(f"case {case}: model {rows[-1][1]}; effort without loop {rows[-1][2]}, with loop {rows[-1][3]}",
               flush=True)
+        if other is not None:
+            seen = case in other_seen
+            compared.append((case, None if seen else effort(correction_effort(
+                (other.segment(image).labels == 1).astype(np.uint8), reference))))
+            print(f"case {case}: {args.compare}: " + ("trained on it" if seen else f"effort {compared[-1][1]}"),
+                  flush=True)
         queue.add(image, reference, {"study": args.study, "source": case,
                                      "suggestion_audit": {"model": suggestion.model}, **review})
         if (index + 1) % args.every == 0 and index + 1 < len(args.cases):
@@ -147,6 +161,16 @@ def main():
     if later:
         ratio = sum(r[3][0] for r in later) / max(1, sum(r[2][0] for r in later))
         print(f"\nfrom the third case on: {100 * ratio:.0f} % of the no-loop effort in voxels (target <= 50 %)")
+    if other is not None:
+        print(f"\n| case | voxels changed, no loop | with {args.compare} | slices touched, no loop | with it |\n"
+              "|---|---|---|---|---|")
+        for (case, _, (pv, ps), _), (_, spent) in zip(rows, compared):
+            cells = "trained on it | | " if spent is None else f"{spent[0]:,} | {ps} | {spent[1]}"
+            print(f"| {case} | {pv:,} | {cells} |")
+        kept = [(r[2][0], c[1][0]) for r, c in zip(rows[2:], compared[2:]) if c[1] is not None]
+        if kept:
+            print(f"from the third case on, over the {len(kept)} it never saw: "
+                  f"{100 * sum(o for _, o in kept) / max(1, sum(p for p, _ in kept)):.0f} % of the no-loop effort")
     print("\n| fine-tune after | wall time | of it training | queued cases the gate measured | promoted |\n"
           "|---|---|---|---|---|")
     for after, seconds, training, measured, promoted, reason in tunes:
