@@ -54,11 +54,12 @@ def cmd_review(args) -> int:
     import secrets
     import socket
 
-    keys = [k for k in (args.curve_server_key, args.curve_client_cert) if k]
-    if keys and (len(keys) == 1 or not args.server or not all(Path(k).is_file() for k in keys)):
-        print("error: CurveZMQ needs --server, --curve-server-key and --curve-client-cert, both files present",
-              file=sys.stderr)
+    from .remote.client import curve_options
+
+    if (args.curve_server_key or args.curve_client_cert) and not args.server:
+        print("error: CurveZMQ keys are for a server: add --server", file=sys.stderr)
         return 2
+    curve_options(args.curve_server_key, args.curve_client_cert)  # checked before serving anything
     try:
         from LiverSegmentationReview.app import serve
     except ImportError as exc:
@@ -199,16 +200,9 @@ def cmd_segment(args) -> int:
 
 
 def _client(args, session=None):
-    from .remote.client import InferenceClient
+    from .remote.client import InferenceClient, curve_options
 
-    curve = {}
-    if args.curve_server_key:
-        import zmq.auth
-
-        curve = dict(
-            curve_server_key=zmq.auth.load_certificate(args.curve_server_key)[0],
-            curve_client_cert=args.curve_client_cert,
-        )
+    curve = curve_options(args.curve_server_key, args.curve_client_cert)
     return InferenceClient(args.server, connect_timeout_s=args.timeout, session=session, **curve)
 
 

@@ -46,6 +46,11 @@ class RemoteError(LiverSegError):
         self.message = message
 
 
+class CurveKeyError(LiverSegError, ValueError):
+    """CurveZMQ key files that cannot serve: one without the other, unreadable, or a public
+    certificate where the secret one is needed."""
+
+
 class ServerUnreachableError(LiverSegError):
     """No answer from the inference server within the timeout, after the retries."""
 

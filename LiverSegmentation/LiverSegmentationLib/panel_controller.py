@@ -182,24 +182,14 @@ class ServerConnection:
     """
 
     def __init__(self, address: str, server_key_file: str = "", client_cert_file: str = ""):
-        self.address = address
-        self.curve = {}
-        server_key_file, client_cert_file = server_key_file.strip(), client_cert_file.strip()
-        if not server_key_file and not client_cert_file:
-            return
-        if not (server_key_file and client_cert_file):
-            raise PanelError("for CurveZMQ give both the server's public key file and your secret certificate "
-                             "(or neither, for a server on this machine)")
-        import zmq.auth
+        from LiverSegmentationLogic.errors import CurveKeyError
+        from LiverSegmentationLogic.remote.client import curve_options
 
+        self.address = address
         try:
-            server_key = zmq.auth.load_certificate(server_key_file)[0]
-            secret = zmq.auth.load_certificate(client_cert_file)[1]
-        except (OSError, ValueError) as exc:
-            raise PanelError(f"cannot read the CurveZMQ key files: {exc}") from exc
-        if secret is None:
-            raise PanelError(f"{client_cert_file} holds no secret key: choose your .key_secret file")
-        self.curve = {"curve_server_key": server_key, "curve_client_cert": client_cert_file}
+            self.curve = curve_options(server_key_file, client_cert_file)
+        except CurveKeyError as exc:
+            raise PanelError(str(exc)) from exc
 
     @classmethod
     def from_settings(cls, settings) -> "ServerConnection":

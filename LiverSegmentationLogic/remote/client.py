@@ -17,6 +17,7 @@ import zmq.auth
 
 from ..errors import (
     CancelledError,
+    CurveKeyError,
     MessageTooLargeError,
     ProtocolVersionError,
     RemoteError,
@@ -29,6 +30,31 @@ from ..inference.results import ProgressCallback, SegmentationResult
 from .protocol import PROTOCOL_VERSION, channel_array_name, decode_array, encode_array, pack, unpack
 
 HEARTBEAT_S = 1.0  # well under the server's client timeout (10 s by default)
+
+
+def curve_options(server_key_file: Optional[str], client_cert_file: Optional[str]) -> dict:
+    """The :class:`InferenceClient` options for a CurveZMQ-secured server, from the server's public
+    certificate and this client's secret certificate (``liverseg keys`` writes both); ``{}`` when
+    neither is given (a server on this machine).
+
+    Raises:
+        CurveKeyError: one file without the other, a file that cannot be read, or a certificate
+            without its secret key.
+    """
+    server_key_file, client_cert_file = str(server_key_file or "").strip(), str(client_cert_file or "").strip()
+    if not server_key_file and not client_cert_file:
+        return {}
+    if not (server_key_file and client_cert_file):
+        raise CurveKeyError("CurveZMQ needs both the server's public key file and this client's secret certificate "
+                            "(or neither, for a server on this machine)")
+    try:
+        server_key = zmq.auth.load_certificate(server_key_file)[0]
+        secret = zmq.auth.load_certificate(client_cert_file)[1]
+    except (OSError, ValueError) as exc:
+        raise CurveKeyError(f"cannot read the CurveZMQ key files: {exc}") from exc
+    if secret is None:
+        raise CurveKeyError(f"{client_cert_file} holds no secret key: give this client's .key_secret file")
+    return {"curve_server_key": server_key, "curve_client_cert": client_cert_file}
 
 
 class InferenceClient:

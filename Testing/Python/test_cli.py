@@ -131,11 +131,16 @@ def test_missing_and_corrupt_model(tmp_path):
     assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_review_refuses_half_a_curve_key_pair(tmp_path):
+def test_curve_key_files_are_checked_before_anything_runs(tmp_path):
     key = tmp_path / "server.key"
     key.write_text("")
-    for args in (["--server", "tcp://gpu:5555", "--curve-server-key", key],  # no certificate
-                 ["--server", "tcp://gpu:5555", "--curve-server-key", key, "--curve-client-cert", tmp_path / "no"],
-                 ["--curve-server-key", key, "--curve-client-cert", key]):  # keys without a server
+    for args, error in ((["--server", "tcp://gpu:5555", "--curve-server-key", key], "needs both"),  # no certificate
+                        (["--server", "tcp://gpu:5555", "--curve-server-key", key, "--curve-client-cert", key],
+                         "cannot read"),  # not a certificate
+                        (["--curve-server-key", key, "--curve-client-cert", key], "add --server")):
         r = liverseg("review", tmp_path, *args, "--port", 0)
-        assert r.returncode == 2 and "CurveZMQ needs --server" in r.stderr, r.stderr
+        assert r.returncode == 2 and error in r.stderr and "Traceback" not in r.stderr, r.stderr
+    image_path, _ = sample_paths()
+    r = liverseg("segment", image_path, "-o", tmp_path / "o.nrrd", "--server", "tcp://127.0.0.1:9",
+                 "--curve-server-key", tmp_path / "missing.key", "--curve-client-cert", tmp_path / "missing.key_secret")
+    assert r.returncode == 2 and "cannot read the CurveZMQ key files" in r.stderr and "Traceback" not in r.stderr
