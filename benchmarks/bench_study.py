@@ -109,7 +109,7 @@ def main():
     base = Segmenter(load_model(args.model), device="cpu")
     other = Segmenter(load_model(args.compare), device="cpu") if args.compare else None
     other_seen = set(other.model.card["training"]["train_cases"]) if other else set()
-    compared = []  # (case, effort or None where that model trained on the case)
+    compared = []  # that model's effort per case; None where it trained on the case
     replay = own_patients(base.model.card, args.data / "chaos-mr-t2", home / "replay" / "chaos-mr-t2")
     modality = base.model.card.get("modality", "")
     queue = CaseQueue(home / "queue", labels={"liver": 1}, modality="CT" if "ct" in args.cases[0] else modality)
@@ -132,9 +132,9 @@ def main():
               flush=True)
         if other is not None:
             seen = case in other_seen
-            compared.append((case, None if seen else effort(correction_effort(
-                (other.segment(image).labels == 1).astype(np.uint8), reference))))
-            print(f"case {case}: {args.compare}: " + ("trained on it" if seen else f"effort {compared[-1][1]}"),
+            compared.append(None if seen else effort(correction_effort(
+                (other.segment(image).labels == 1).astype(np.uint8), reference)))
+            print(f"case {case}: {args.compare}: " + ("trained on it" if seen else f"effort {compared[-1]}"),
                   flush=True)
         queue.add(image, reference, {"study": args.study, "source": case,
                                      "suggestion_audit": {"model": suggestion.model}, **review})
@@ -164,10 +164,10 @@ def main():
     if other is not None:
         print(f"\n| case | voxels changed, no loop | with {args.compare} | slices touched, no loop | with it |\n"
               "|---|---|---|---|---|")
-        for (case, _, (pv, ps), _), (_, spent) in zip(rows, compared):
+        for (case, _, (pv, ps), _), spent in zip(rows, compared):
             cells = "trained on it | | " if spent is None else f"{spent[0]:,} | {ps} | {spent[1]}"
             print(f"| {case} | {pv:,} | {cells} |")
-        kept = [(r[2][0], c[1][0]) for r, c in zip(rows[2:], compared[2:]) if c[1] is not None]
+        kept = [(r[2][0], c[0]) for r, c in zip(rows[2:], compared[2:]) if c is not None]
         if kept:
             print(f"from the third case on, over the {len(kept)} it never saw: "
                   f"{100 * sum(o for _, o in kept) / max(1, sum(p for p, _ in kept)):.0f} % of the no-loop effort")
