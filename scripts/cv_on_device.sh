@@ -21,7 +21,8 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run here
 
 case "${1:-}" in
 wheel)
-    echo /.whl/ >> "$(git rev-parse --git-dir)/info/exclude"
+    exclude="$(git rev-parse --git-dir)/info/exclude"
+    grep -qx /.whl/ "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
     version=$(python -c "import monai; print(monai.__version__)")
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl "monai==$version"
     ;;

@@ -94,7 +94,7 @@ class InferenceClient:
         if curve_client_cert:
             public, secret = zmq.auth.load_certificate(curve_client_cert)
             if secret is None or curve_server_key is None:
-                raise ValueError("CurveZMQ needs this client's secret certificate and the server's public key")
+                raise CurveKeyError("CurveZMQ needs this client's secret certificate and the server's public key")
             self.curve = (public, secret, curve_server_key)
         self.ctx = zmq.Context.instance()
         self.sock = None
