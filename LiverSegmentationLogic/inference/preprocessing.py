@@ -80,22 +80,40 @@ def normalise_intensity(array: np.ndarray, intensity: dict, mask: Optional[np.nd
     air (:data:`HU_AIR`, CT padding) count as air.
 
     Args:
+        intensity: see :class:`models.preprocess_config.PreprocessConfig`. A window with
+            ``windowed_range`` [a, b] takes an image whose values all lie in [a, b] as already
+            windowed by its publisher (LiTS-derived CT stored as 0-255) and maps [a, b] to 0-1;
+            any other image is taken as Hounsfield units and clipped to the window.
         mask: when given, percentiles are taken inside it only and voxels outside become 0 (the
             second stage of a cascade sees only its region of interest, windowed to that region).
     """
     array = np.maximum(np.asarray(array, dtype=np.float32), HU_AIR)
+    # a fixed window is decided on the whole image: a liver region alone in HU can look 0-255
+    lo, hi = (None, None) if intensity["method"] == "percentile" else window_bounds(array, intensity)
     if mask is not None:
         if not mask.any():
             return np.zeros_like(array)
-        out = normalise_intensity(array[mask], intensity)
+        inside = array[mask]
+        if lo is None:
+            lo, hi = np.percentile(inside, [intensity["lower"], intensity["upper"]])
         result = np.zeros_like(array)
-        result[mask] = out
+        result[mask] = _rescale(inside, lo, hi)
         return result
-    if intensity["method"] == "percentile":
+    if lo is None:
         lo, hi = np.percentile(array, [intensity["lower"], intensity["upper"]])
-    else:
-        lo = intensity["center"] - intensity["width"] / 2.0
-        hi = intensity["center"] + intensity["width"] / 2.0
+    return _rescale(array, lo, hi)
+
+
+def window_bounds(array: np.ndarray, intensity: dict) -> tuple[float, float]:
+    """The (lower, upper) values a ``window`` intensity maps to 0 and 1 for this image."""
+    windowed = intensity.get("windowed_range")
+    if windowed is not None and array.size and windowed[0] <= array.min() and array.max() <= windowed[1]:
+        return float(windowed[0]), float(windowed[1])
+    half = intensity["width"] / 2.0
+    return intensity["center"] - half, intensity["center"] + half
+
+
+def _rescale(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:  # near-constant image: fall back to the full range
         lo, hi = float(array.min()), float(array.max())
     scale = 1.0 / (hi - lo) if hi > lo else 1.0

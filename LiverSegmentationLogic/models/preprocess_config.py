@@ -18,7 +18,10 @@ class PreprocessConfig:
         neighbours: k neighbour slices on each side; the model sees 2k + 1 channels.
         intensity: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}`` (clip to these
             percentiles, then min-max to 0-1; the default, suited to MR) or
-            ``{"method": "window", "center": C, "width": W}`` (a fixed window, suited to CT).
+            ``{"method": "window", "center": C, "width": W}`` (a fixed window in Hounsfield units,
+            suited to CT), optionally with ``"windowed_range": [0, 255]``: an image whose values
+            all lie in that range is taken as already windowed by its publisher and mapped 0-1
+            as it is (LiTS-derived CT, windowed to about W400 L40).
         multiple: pad the in-plane size up to a multiple of this (the U-Net's total stride).
         channels: input images per case (e.g. 2 for a fat + water Dixon pair), each normalised
             on its own; the model sees channels x (2k + 1) planes.
@@ -46,6 +49,9 @@ class PreprocessConfig:
         elif method == "window":
             if self.intensity["width"] <= 0:
                 raise ValueError(f"window width must be positive: {self.intensity}")
+            windowed = self.intensity.get("windowed_range")
+            if windowed is not None and not (len(windowed) == 2 and windowed[0] < windowed[1]):
+                raise ValueError(f"windowed_range must be [lower, upper] with lower < upper: {self.intensity}")
         else:
             raise ValueError(f"intensity method must be 'percentile' or 'window', got {method!r}")
 

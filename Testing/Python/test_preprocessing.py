@@ -67,11 +67,44 @@ def test_normalisation_percentile_and_window():
     np.testing.assert_allclose(ct, [0.0, 0.5, 1.0])
 
 
+def test_a_ct_window_takes_images_already_windowed_to_0_255_as_they_are():
+    intensity = {"method": "window", "center": 40, "width": 400, "windowed_range": [0, 255]}
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 1200.0])
+    np.testing.assert_allclose(normalise_intensity(hu, intensity), [0.0, 0.0, 0.5, 1.0, 1.0])
+    windowed = np.array([0.0, 51.0, 255.0])  # every value in 0-255: the publisher windowed it
+    np.testing.assert_allclose(normalise_intensity(windowed, intensity), [0.0, 0.2, 1.0])
+    # decided on the whole image: a liver region in HU (40-200) must not pass for 0-255
+    image = np.full((2, 8, 8), -1000.0, np.float32)
+    image[:, 2:6, 2:6] = 200.0
+    mask = image > 0
+    out = normalise_intensity(image, intensity, mask)
+    np.testing.assert_allclose(out[mask], 0.9)
+    assert out[~mask].max() == 0.0
+
+
+def test_raw_hu_ct_and_the_same_ct_windowed_to_0_255_give_the_model_the_same_input(chaos_ct):
+    """The CHAOS CT case in HU, and as a LiTS-like publisher would store it (W400 L40 to 0-255):
+    the CT task's window gives the network the same picture of both; per-image percentiles do not
+    (the soft tissue lands ~0.4 apart), which is what the liver-ct model saw on raw-HU CT."""
+    from LiverSegmentationLogic.models.tasks import load_task
+
+    hu = read_volume(chaos_ct / "DICOM_anon").array
+    stored = np.rint(np.clip((hu + 160.0) / 400.0 * 255.0, 0, 255))
+    window = load_task("liver-ct").preprocess_config().intensity
+    assert np.abs(normalise_intensity(hu, window) - normalise_intensity(stored, window)).max() <= 0.5 / 255 + 1e-6
+    percentile = {"method": "percentile", "lower": 0.5, "upper": 99.5}
+    fat = (hu > -150) & (hu < -50)
+    gap = normalise_intensity(hu, percentile)[fat].mean() - normalise_intensity(stored, percentile)[fat].mean()
+    assert gap > 0.3
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="neighbours"):
         PreprocessConfig(neighbours=-1)
     with pytest.raises(ValueError, match="percentiles"):
         PreprocessConfig(intensity={"method": "percentile", "lower": 90, "upper": 10})
+    with pytest.raises(ValueError, match="windowed_range"):
+        PreprocessConfig(intensity={"method": "window", "center": 40, "width": 400, "windowed_range": [255, 0]})
     with pytest.raises(ValueError, match="intensity method"):
         PreprocessConfig(intensity={"method": "zscore"})
     cfg = PreprocessConfig(spacing_xy=(1.5, 1.5), neighbours=2)
