@@ -138,6 +138,9 @@ class TrainConfig:
     #: "auto" (CUDA if present), "cpu", "cuda"...: where the network trains (the data stays on
     #: the CPU until each batch)
     device: str = "auto"
+    #: train on random square patches of this size (pixels on the model grid) instead of whole
+    #: slices; a third of them centred on foreground (nnU-Net's sampling). None: whole slices
+    patch_size: Optional[int] = None
 
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
@@ -151,6 +154,25 @@ def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, backg
     chosen = fg + [bg[i] for i in rng.choice(len(bg), n_bg, replace=False)] if bg else fg
     rng.shuffle(chosen)
     return chosen
+
+
+def random_patch(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator,
+                 foreground_share: float = 1 / 3) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` patch of one slice (image (C, H, W), labels (H, W)), zero-padded where
+    the slice is smaller; with probability ``foreground_share`` centred on a random foreground pixel."""
+    h, w = labels.shape
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        pads = [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
+        image, labels = np.pad(image, [(0, 0)] + pads), np.pad(labels, pads)
+        h, w = labels.shape
+    foreground = np.flatnonzero(labels)
+    if foreground.size and rng.random() < foreground_share:
+        cy, cx = np.unravel_index(foreground[rng.integers(foreground.size)], labels.shape)
+        y0, x0 = int(np.clip(cy - size // 2, 0, h - size)), int(np.clip(cx - size // 2, 0, w - size))
+    else:
+        y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    return image[:, y0 : y0 + size, x0 : x0 + size], labels[y0 : y0 + size, x0 : x0 + size]
 
 
 def _batch(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +240,10 @@ def train_network(
             chunk = pairs[s : s + train.batch_size]
             if len(chunk) < 2:  # BatchNorm needs more than one sample
                 continue
-            x, y = _batch([neighbour_stack(cases[c].image, [z], k)[0] for c, z in chunk],
-                          [cases[c].labels[z] for c, z in chunk])
+            slices = [(neighbour_stack(cases[c].image, [z], k)[0], cases[c].labels[z]) for c, z in chunk]
+            if train.patch_size:
+                slices = [random_patch(i, label, train.patch_size, rng) for i, label in slices]
+            x, y = _batch(*map(list, zip(*slices)))
             x, y = augment_batch(x.to(device), y.to(device), generator)
             loss = loss_fn(network(x.contiguous(memory_format=memory_format)), y[:, None])
             optimiser.zero_grad(set_to_none=True)
