@@ -4,14 +4,14 @@
 # The GPU machine has PyTorch and SciPy, but neither MONAI nor the data; a call carries at most
 # 64 MiB (this repository is about 24 MB of it) and brings back at most 8 files of 16 MiB each.
 # So a call carries the prepared cases and MONAI's wheel, not the CPU checkpoints (23 MB each),
-# and brings back each finished model as two files (weights, card): four models per call.
+# and brings back each model's weights as one file (about 4 MB) and every card in cards.json:
+# up to seven models per call (the five folds and two members).
 #
 #   # here, once: MONAI's wheel (pure Python) into .whl/, which git ignores
 #   bash scripts/cv_on_device.sh wheel
-#   # on the device, e.g. the first four folds at once, at most 480 s each:
-#   #   run(command="bash scripts/cv_on_device.sh train cv/mr 480 0 1 2 3",
+#   # on the device, every fold and member at once, at most 480 s each:
+#   #   run(command="bash scripts/cv_on_device.sh train cv/mr 480 all",
 #   #       carry=[".whl", "cv/mr/cases.npz", "cv/mr/plan.json"], timeout_s=560)
-#   # then "... train cv/mr 480 4 members" (fold 4 and the two members)
 #   # here: the models that came back, into cv/mr (stop a CPU run of the same models first)
 #   bash scripts/cv_on_device.sh unpack cv/mr FILES_AT
 set -euo pipefail
@@ -36,31 +36,40 @@ train)
     python3 scripts/cross_validate.py train --work "$work" --folds-to-train "$@" --members "$MEMBERS" \
         --epochs "$EPOCHS" --time-budget "$budget" --device "$DEVICE" --jobs 7 || true
     for log in "$work"/*.log; do echo "$log: $(tail -n 1 "$log")"; done
-    for card in "$work"/*/model_card.json; do
-        name=$(basename "$(dirname "$card")")
-        cp "$card" "$OUT/$name.json"
-        cp "$(dirname "$card")/model.pt" "$OUT/$name.pt"
-    done
+    bash "$0" collect "$work" "$OUT"
     ls -la "$OUT"
+    ;;
+collect)
+    # at most 8 files come back: the weights one file per model, the cards together
+    python3 - "$2" "$3" <<'PY'
+import json, pathlib, shutil, sys
+work, out = map(pathlib.Path, sys.argv[1:])
+cards = {}
+for card in sorted(work.glob("*/model_card.json")):
+    cards[card.parent.name] = json.loads(card.read_text())
+    shutil.copy(card.parent / "model.pt", out / f"{card.parent.name}.pt")
+(out / "cards.json").write_text(json.dumps(cards))
+PY
     ;;
 unpack)
     work=$2 back=$3
-    for card in "$back"/*.json; do
-        name=$(basename "$card" .json)
-        epochs=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['training']['epochs_run'])" "$card")
-        if [ "$epochs" -lt "$EPOCHS" ]; then
-            echo "$name: $epochs of $EPOCHS epochs (cut short by the time budget): not taken"
-            continue
-        fi
-        mkdir -p "$work/$name"
-        cp "$back/$name.pt" "$work/$name/model.pt"
-        cp "$card" "$work/$name/model_card.json"
-        rm -f "$work/$name/checkpoint.pt"  # the CPU run's, now superseded
-        echo "$name: $epochs epochs, taken"
-    done
+    python3 - "$work" "$back" "$EPOCHS" <<'PY'
+import json, pathlib, shutil, sys
+work, back, epochs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+for name, card in json.loads((back / "cards.json").read_text()).items():
+    run = card["training"]["epochs_run"]
+    if run < epochs:
+        print(f"{name}: {run} of {epochs} epochs (cut short by the time budget): not taken")
+        continue
+    (work / name).mkdir(parents=True, exist_ok=True)
+    shutil.copy(back / f"{name}.pt", work / name / "model.pt")
+    (work / name / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (work / name / "checkpoint.pt").unlink(missing_ok=True)  # the CPU run's, now superseded
+    print(f"{name}: {run} epochs, taken")
+PY
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac

@@ -120,3 +120,28 @@ def test_prepare_converts_the_chaos_ct_dicom_case(lits_ct, chaos_ct, tmp_path):
     with np.load(work / "cases.npz") as cases:
         assert {"chaos-ct/1/labels", "lits-ct/1/labels"} <= set(cases.files)
         assert cases["chaos-ct/1/labels"].any()  # the liver PNGs landed on the DICOM slices
+
+
+def test_device_script_brings_every_model_back_in_eight_files(cross_validated, tmp_path):
+    """scripts/cv_on_device.sh: what a GPU call returns (at most 8 files) and what unpack takes."""
+    import os
+
+    _, work, _ = cross_validated
+    device_script = SCRIPT.with_name("cv_on_device.sh")
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["bash", str(device_script), "collect", str(work), str(out)], check=True)
+    names = sorted(p.parent.name for p in work.glob("*/model_card.json"))
+    assert len(names) >= 4 and sorted(p.name for p in out.iterdir()) == sorted([*(n + ".pt" for n in names), "cards.json"])
+
+    def unpack(epochs):
+        env = dict(os.environ, EPOCHS=str(epochs))
+        return subprocess.run(["bash", str(device_script), "unpack", str(tmp_path / "back"), str(out)],
+                              check=True, capture_output=True, text=True, env=env).stdout
+
+    assert unpack(2).count("not taken") == len(names)  # cut short: nothing taken
+    assert not (tmp_path / "back").exists()
+    assert unpack(1).count("taken") == len(names)
+    for name in names:
+        back = load_model(tmp_path / "back" / name)  # the card's checksum matches the weights
+        assert back.card == load_model(work / name).card
