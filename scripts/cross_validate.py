@@ -90,7 +90,8 @@ def prepare(args):
     loaded = load_task_cases(task, cases)
     write_prepared_cases(args.work / "cases.npz", loaded)
     plan = {"task": task.name, "data": [str(Path(d).resolve()) for d in data], "seed": args.seed,
-            "folds": [[c.case_id for c in fold] for fold in folds]}
+            "folds": [[c.case_id for c in fold] for fold in folds],
+            "sources": [str(d) for d in args.data]}  # as given, for the shipped card's command
     (args.work / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(f"{len(cases)} cases in {len(folds)} folds, prepared in {time.perf_counter() - t0:.0f}s: {args.work}")
 
@@ -244,6 +245,7 @@ def _print_summary(summary: dict):
 def ship(args):
     from LiverSegmentationLogic.inference.scoring import validation_record
     from LiverSegmentationLogic.models.network import UNetEnsemble
+    from LiverSegmentationLogic.training.task_training import DATA_NOTE
 
     plan = _plan(args.work)
     results = json.loads((args.work / "cv_results.json").read_text())
@@ -255,13 +257,25 @@ def ship(args):
         raise SystemExit(f"no members in {args.work}: run train first")
     models = [load_model(card.parent) for card in members]
     network = models[0].network if len(models) == 1 else UNetEnsemble([m.network for m in models])
+    first = models[0].card["training"]
+    sources = " ".join(plan.get("sources", plan["data"]))
     training = {
-        "data": plan["data"], "split": "patient-wise",
+        "data": sorted({DATA_NOTE.get(Path(d).name, Path(d).name) for d in plan["data"]}), "split": "patient-wise",
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
         "ensemble": f"mean probability of {len(models)} networks trained on every case (seeds "
                     f"{', '.join(str(m.card['training']['seed']) for m in models)})",
         "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware")}
                     for m in models],
+        "optimiser": first["optimiser"],
+        "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
+        "reproduce": [
+            f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
+            f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",
+            f"python scripts/cross_validate.py train --work WORK --members {len(models)} --epochs {first['epochs_run']}",
+            "python scripts/cross_validate.py evaluate --work WORK",
+            f"python scripts/cross_validate.py ship --work WORK --version {args.version}"
+            + (f" --views {' '.join(args.views)}" if args.views else ""),
+        ],
     }
     for name in [plan["task"], *args.views]:
         task = load_task(name)

@@ -1,11 +1,13 @@
-"""Reproduce the shipped CT models: liver-ct, the liver-lesion-ct cascade and the one-step
+"""Reproduce the shipped lesion models: the liver-lesion-ct cascade and the one-step
 liver-lesion-ct-3class, and print how cascade and one-step compare on the held-out patient.
 
     python scripts/train_ct_models.py --data ../shared/data --models Resources/Models
 
-Training data: lits-ct patients 0 and 2 (+ the CHAOS CT case for the liver stage); lits-ct
-patient 1 is held out (the task files name it). Runs in a temporary registry so that the cascade
-picks up the liver-ct model written here, not an active one of the user's.
+The cascade's first stage is the shipped liver-ct model in ``--models`` (since 2.0.0 it comes
+from ``scripts/cross_validate.py``: its card has the command). The lesion models 1.0.0 were
+trained when lits-ct held patients 0-2 (0 and 2 trained, 1 held out, as the task files name it);
+lits-ct now holds 0-7, so a re-run trains on more. Runs in a temporary registry so that the
+cascade picks up the liver-ct model in ``--models``, not an active one of the user's.
 """
 
 from __future__ import annotations
@@ -26,15 +28,12 @@ def main():
     os.environ["LIVERSEG_HOME"] = str(work / "home")
     os.environ["LIVERSEG_MODELS_DIR"] = str(args.models.resolve())  # the cascade's first stage comes from here
 
-    from LiverSegmentationLogic.io.datasets import convert_chaos_ct
     from LiverSegmentationLogic.training.task_training import train_task
     from LiverSegmentationLogic.models.tasks import load_task
 
-    chaos_ct = convert_chaos_ct(args.data / "chaos-ct-1", work / "chaos-ct").images[0].parent
     lits = args.data / "lits-ct"
     results = {}
-    for task, datasets in [("liver-ct", [lits, chaos_ct]), ("liver-lesion-ct", [lits]),
-                           ("liver-lesion-ct-3class", [lits])]:
+    for task, datasets in [("liver-lesion-ct", [lits]), ("liver-lesion-ct-3class", [lits])]:
         model = train_task(load_task(task), datasets, output=args.models / task, epochs=args.epochs)
         results[task] = (model.card["validation"], model.card["training"]["wall_time_s"])
     print("\n| model | held-out | liver Dice | lesion Dice | training time |")
