@@ -78,15 +78,16 @@ def flag_rates(rows: Sequence[dict]) -> dict:
 
 def summarise(rows: Sequence[dict]) -> dict:
     """Rows of :func:`score_case` (each patient scored by a model that never saw it), per class:
-    Dice mean/min, volume error per patient and Bland-Altman in percent of the reference volume
-    (patients with a real voxel size only); and the quality control against its targets."""
+    Dice mean/min, volume error per patient (in row order) and Bland-Altman in percent of the
+    reference volume; and the quality control against its targets. A percentage needs no real
+    voxel size (the placeholder spacing of the LiTS files cancels), so every patient counts."""
     names = list(rows[0]["dice"])
     per_class = {}
     for n in names:
         scores = [r["dice"][n] for r in rows]
         record = {"mean_dice": float(np.mean(scores)), "min_dice": float(np.min(scores))}
         errors = [100.0 * (r["volume_ml"][n] - r["reference_ml"][n]) / r["reference_ml"][n] for r in rows
-                  if r["reference_ml"][n] > 0 and has_real_spacing(r["case"])]
+                  if r["reference_ml"][n] > 0]
         if errors:
             record["volume_error_percent"] = [round(e, 2) for e in errors]
         if len(errors) >= 2:

@@ -91,3 +91,15 @@ def test_bland_altman_known_values():
     assert ba["loa_upper"] - ba["loa_lower"] == pytest.approx(2 * 1.96 * diffs.std(ddof=1))
     with pytest.raises(ValueError):
         metrics.bland_altman([1.0], [1.0])
+
+
+def test_volume_agreement_counts_cases_without_a_real_voxel_size():
+    """A volume error in percent needs no real spacing: the LiTS cases (placeholder 1 mm voxels)
+    count in the cross-validated Bland-Altman beside the CHAOS CT case."""
+    from LiverSegmentationLogic.inference.scoring import summarise
+
+    rows = [{"case": case, "dice": {"liver": 0.95}, "volume_ml": {"liver": ml}, "reference_ml": {"liver": 100.0},
+             "quality": {"status": "ok"}} for case, ml in (("lits-ct/0", 110.0), ("chaos-ct/1", 95.0))]
+    liver = summarise(rows)["per_class"]["liver"]
+    assert liver["volume_error_percent"] == [10.0, -5.0]
+    assert liver["bland_altman_percent"]["bias"] == pytest.approx(2.5)
