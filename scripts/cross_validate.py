@@ -262,9 +262,11 @@ def ship(args):
     training = {
         "data": sorted({DATA_NOTE.get(Path(d).name, Path(d).name) for d in plan["data"]}), "split": "patient-wise",
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
-        "ensemble": f"mean probability of {len(models)} networks trained on every case (seeds "
-                    f"{', '.join(str(m.card['training']['seed']) for m in models)})",
-        "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware")}
+        "ensemble": (f"mean probability of {len(models)} networks trained on every case (seeds "
+                     f"{', '.join(str(m.card['training']['seed']) for m in models)})") if len(models) > 1
+                    else f"one network trained on every case (seed {models[0].card['training']['seed']})",
+        "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware",
+                                                        "wall_time_s_last_run") if k in m.card["training"]}
                     for m in models],
         "optimiser": first["optimiser"],
         "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
