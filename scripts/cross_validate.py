@@ -179,8 +179,7 @@ def _train_one(args, plan: dict, name: str):
         "train_cases": [c.name for c in chosen], "epochs_run": len(losses), "final_loss": losses[-1],
         "seed": seed, "wall_time_s_last_run": round(time.perf_counter() - t0, 1),
         "hardware": hardware_description(args.device),
-        "optimiser": f"AdamW lr {config.learning_rate}, cosine schedule, batch {config.batch_size}"
-                     + (f" of {config.patch_size} x {config.patch_size} patches" if config.patch_size else ""),
+        "optimiser": config.describe_optimiser(),
     })
     save_model(folder, network, card)
 

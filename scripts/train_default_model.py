@@ -184,7 +184,7 @@ def _training_record(train_cases, train, losses, train_s, initialised_from) -> d
         "initialised_from": initialised_from,
         "final_loss": losses[-1],
         "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
-        "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}",
+        "optimiser": train.describe_optimiser(),
         "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
         "seed": train.seed,
         "wall_time_s": round(train_s, 1),

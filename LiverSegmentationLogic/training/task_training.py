@@ -64,7 +64,7 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
         batch_size=int(task.training_option("batch_size", defaults.batch_size)),
         learning_rate=float(task.training_option("learning_rate", defaults.learning_rate)),
         background_fraction=float(task.training_option("background_fraction", defaults.background_fraction)),
-        patch_size=task.training_option("patch_size"),
+        patch_size=int(task.training_option("patch_size", 0)) or None,
         time_budget_s=float("inf") if time_budget_s is None else float(time_budget_s),
         seed=seed,
         class_weights=weights,
@@ -188,8 +188,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
             "loss": "Dice + cross-entropy (MONAI DiceCELoss)"
             + (f", cross-entropy class weights {[round(w, 2) for w in train.class_weights]}"
                if train.class_weights else ""),
-            "optimiser": f"AdamW lr {train.learning_rate}, cosine schedule, batch {train.batch_size}"
-                         + (f" of {train.patch_size} x {train.patch_size} patches" if train.patch_size else ""),
+            "optimiser": train.describe_optimiser(),
             "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
             "seed": seed,
             "wall_time_s": round(time.perf_counter() - t0, 1),

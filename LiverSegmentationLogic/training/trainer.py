@@ -142,6 +142,11 @@ class TrainConfig:
     #: slices; a third of them centred on foreground (nnU-Net's sampling). None: whole slices
     patch_size: Optional[int] = None
 
+    def describe_optimiser(self) -> str:
+        """For the model card."""
+        patches = f" of {self.patch_size} x {self.patch_size} patches" if self.patch_size else ""
+        return f"AdamW lr {self.learning_rate}, cosine schedule, batch {self.batch_size}{patches}"
+
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
     """(case index, slice index) pairs: every foreground slice plus a share of empty ones."""
