@@ -272,7 +272,8 @@ def ship(args):
         "reproduce": [
             f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
             f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",
-            f"python scripts/cross_validate.py train --work WORK --members {len(models)} --epochs {first['epochs_run']}",
+            f"python scripts/cross_validate.py train --work WORK --members {len(models)} "
+            f"--epochs {first['epochs_run']}",
             "python scripts/cross_validate.py evaluate --work WORK",
             f"python scripts/cross_validate.py ship --work WORK --version {args.version}"
             + (f" --views {' '.join(args.views)}" if args.views else ""),

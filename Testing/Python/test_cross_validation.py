@@ -136,7 +136,8 @@ def test_device_script_brings_every_model_back_in_eight_files(cross_validated, t
     out.mkdir()
     subprocess.run(["bash", str(device_script), "collect", str(work), str(out)], check=True)
     names = sorted(p.parent.name for p in work.glob("*/model_card.json"))
-    assert len(names) >= 4 and sorted(p.name for p in out.iterdir()) == sorted([*(n + ".pt" for n in names), "cards.json"])
+    assert len(names) >= 4
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(n + ".pt" for n in names), "cards.json"])
 
     def unpack(epochs):
         env = dict(os.environ, EPOCHS=str(epochs))
