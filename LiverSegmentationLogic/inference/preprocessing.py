@@ -105,10 +105,24 @@ def normalise_intensity(array: np.ndarray, intensity: dict, mask: Optional[np.nd
 
 
 def window_bounds(array: np.ndarray, intensity: dict) -> tuple[float, float]:
-    """The (lower, upper) values a ``window`` intensity maps to 0 and 1 for this image."""
+    """The (lower, upper) values a ``window`` intensity maps to 0 and 1 for this image.
+
+    Raises:
+        InvalidImageError: with ``windowed_range``, an image that is neither windowed (all values
+            in that range) nor in Hounsfield units (a CT in HU has air or fat below 0): stored
+            values without the scanner's rescale, or an MR image, would come out as a blank.
+    """
     windowed = intensity.get("windowed_range")
-    if windowed is not None and array.size and windowed[0] <= array.min() and array.max() <= windowed[1]:
-        return float(windowed[0]), float(windowed[1])
+    if windowed is not None and array.size:
+        low, high = float(array.min()), float(array.max())
+        if windowed[0] <= low and high <= windowed[1]:
+            return float(windowed[0]), float(windowed[1])
+        if low >= 0:
+            raise InvalidImageError(
+                f"this model expects CT in Hounsfield units (air near -1000) or already windowed to "
+                f"{windowed[0]}-{windowed[1]}, but the image's values run from {low:g} to {high:g}: apply the "
+                "scanner's rescale first (HU = stored value x RescaleSlope + RescaleIntercept), or pick a "
+                "model for this kind of image")
     half = intensity["width"] / 2.0
     return intensity["center"] - half, intensity["center"] + half
 

@@ -98,6 +98,21 @@ def test_raw_hu_ct_and_the_same_ct_windowed_to_0_255_give_the_model_the_same_inp
     assert gap > 0.3
 
 
+def test_ct_without_the_scanner_rescale_or_an_mr_image_is_refused_by_the_ct_window(chaos_ct, sample_case):
+    """Stored CT values (HU + 1024, never below 0) or an MR image would be clipped to a blank by a
+    window in HU; per-image percentiles hid such a mistake, a window must refuse it."""
+    from LiverSegmentationLogic.errors import InvalidImageError
+    from LiverSegmentationLogic.models.tasks import load_task
+
+    window = load_task("liver-ct").preprocess_config().intensity
+    stored = read_volume(chaos_ct / "DICOM_anon").array + 1024.0
+    with pytest.raises(InvalidImageError, match="RescaleIntercept"):
+        normalise_intensity(stored, window)
+    mr, _ = sample_case
+    with pytest.raises(InvalidImageError, match="Hounsfield"):
+        normalise_intensity(mr.array, window)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="neighbours"):
         PreprocessConfig(neighbours=-1)
