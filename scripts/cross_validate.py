@@ -179,7 +179,7 @@ def _train_one(args, plan: dict, name: str):
         "train_cases": [c.name for c in chosen], "epochs_run": len(losses), "final_loss": losses[-1],
         "seed": seed, "wall_time_s_last_run": round(time.perf_counter() - t0, 1),
         "hardware": hardware_description(args.device),
-        "optimiser": config.describe_optimiser(),
+        "optimiser": config.describe_optimiser(), "loss": config.describe_loss(),
     })
     save_model(folder, network, card)
 
@@ -263,12 +263,12 @@ def ship(args):
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
         "ensemble": (f"mean probability of {len(models)} networks trained on every case (seeds "
                      f"{', '.join(str(m.card['training']['seed']) for m in models)})") if len(models) > 1
-                    else f"one network trained on every case (seed {models[0].card['training']['seed']})",
+                    else f"one network trained on every case (seed {first['seed']})",
         "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware",
                                                         "wall_time_s_last_run") if k in m.card["training"]}
                     for m in models],
         "optimiser": first["optimiser"],
-        "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
+        "loss": first.get("loss", "Dice + cross-entropy (MONAI DiceCELoss)"),  # older member cards lack it
         "reproduce": [
             f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
             f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",

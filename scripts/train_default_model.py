@@ -183,7 +183,7 @@ def _training_record(train_cases, train, losses, train_s, initialised_from) -> d
         "epochs_run": len(losses),
         "initialised_from": initialised_from,
         "final_loss": losses[-1],
-        "loss": "Dice + cross-entropy (MONAI DiceCELoss)",
+        "loss": train.describe_loss(),
         "optimiser": train.describe_optimiser(),
         "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
         "seed": train.seed,

@@ -88,20 +88,21 @@ def normalise_intensity(array: np.ndarray, intensity: dict, mask: Optional[np.nd
             second stage of a cascade sees only its region of interest, windowed to that region).
     """
     array = np.maximum(np.asarray(array, dtype=np.float32), HU_AIR)
-    # a fixed window is decided on the whole image: a liver region alone in HU can look 0-255
-    lo, hi = (None, None) if intensity["method"] == "percentile" else window_bounds(array, intensity)
-    if mask is not None:
-        if not mask.any():
-            return np.zeros_like(array)
-        inside = array[mask]
-        if lo is None:
-            lo, hi = np.percentile(inside, [intensity["lower"], intensity["upper"]])
-        result = np.zeros_like(array)
-        result[mask] = _rescale(inside, lo, hi)
-        return result
-    if lo is None:
-        lo, hi = np.percentile(array, [intensity["lower"], intensity["upper"]])
-    return _rescale(array, lo, hi)
+    # a window is decided on the whole image: a liver region alone in HU can look 0-255
+    window = None if intensity["method"] == "percentile" else window_bounds(array, intensity)
+    if mask is not None and not mask.any():
+        return np.zeros_like(array)
+    values = array if mask is None else array[mask]
+    lo, hi = window or np.percentile(values, [intensity["lower"], intensity["upper"]])
+    if hi <= lo:  # near-constant image: fall back to the full range
+        lo, hi = float(values.min()), float(values.max())
+    scale = 1.0 / (hi - lo) if hi > lo else 1.0
+    out = np.clip((values - lo) * scale, 0.0, 1.0, dtype=np.float32)
+    if mask is None:
+        return out
+    result = np.zeros_like(array)
+    result[mask] = out
+    return result
 
 
 def window_bounds(array: np.ndarray, intensity: dict) -> tuple[float, float]:
@@ -125,13 +126,6 @@ def window_bounds(array: np.ndarray, intensity: dict) -> tuple[float, float]:
                 "model for this kind of image")
     half = intensity["width"] / 2.0
     return intensity["center"] - half, intensity["center"] + half
-
-
-def _rescale(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if hi <= lo:  # near-constant image: fall back to the full range
-        lo, hi = float(array.min()), float(array.max())
-    scale = 1.0 / (hi - lo) if hi > lo else 1.0
-    return np.clip((array - lo) * scale, 0.0, 1.0, dtype=np.float32)
 
 
 @dataclass

@@ -185,9 +185,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
             "label_map": {str(k): v for k, v in task.label_map.items()},
             "epochs_run": len(losses),
             "losses": [round(v, 5) for v in losses],
-            "loss": "Dice + cross-entropy (MONAI DiceCELoss)"
-            + (f", cross-entropy class weights {[round(w, 2) for w in train.class_weights]}"
-               if train.class_weights else ""),
+            "loss": train.describe_loss(),
             "optimiser": train.describe_optimiser(),
             "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
             "seed": seed,

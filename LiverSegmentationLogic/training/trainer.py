@@ -142,6 +142,12 @@ class TrainConfig:
     #: slices; a third of them centred on foreground (nnU-Net's sampling). None: whole slices
     patch_size: Optional[int] = None
 
+    def describe_loss(self) -> str:
+        """For the model card."""
+        weights = self.class_weights
+        return "Dice + cross-entropy (MONAI DiceCELoss)" + (
+            f", cross-entropy class weights {[round(w, 2) for w in weights]}" if weights else "")
+
     def describe_optimiser(self) -> str:
         """For the model card."""
         patches = f" of {self.patch_size} x {self.patch_size} patches" if self.patch_size else ""

@@ -92,6 +92,7 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     assert training["data"] == ["CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)"]
     assert training["reproduce"][0].startswith("python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ")
     assert "--members 1 --epochs 1" in training["reproduce"][1] and "--views liver-mr-t2" in training["reproduce"][-1]
+    assert training["loss"] == load_model(work / "member0").card["training"]["loss"]  # as trained, weights included
     image = read_volume(root / "chaos-mr-t2" / "image_21.nii.gz")
     labels = Segmenter(view, device="cpu").segment(image).labels
     assert labels.shape == image.array.shape and set(np.unique(labels)) <= {0, 1}
