@@ -38,7 +38,7 @@ from pathlib import Path
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
-from LiverSegmentationLogic.models.model_files import load_model, save_model
+from LiverSegmentationLogic.models.model_files import LoadedModel, load_model
 from LiverSegmentationLogic.models.tasks import load_task
 from LiverSegmentationLogic.training.trainer import hardware_description, read_prepared_cases, write_prepared_cases
 
@@ -159,7 +159,7 @@ def _finished(folder: Path, epochs: int) -> bool:
 
 def _train_one(args, plan: dict, name: str):
     """One model: ``fold<f>`` on every case outside fold f, ``member<m>`` on every case (seed m)."""
-    from LiverSegmentationLogic.training.task_training import new_network, train_config
+    from LiverSegmentationLogic.training.task_training import new_network, train_config, write_model
     from LiverSegmentationLogic.training.trainer import train_network
 
     task = load_task(plan["task"])
@@ -181,7 +181,18 @@ def _train_one(args, plan: dict, name: str):
         "hardware": hardware_description(args.device),
         "optimiser": config.describe_optimiser(), "loss": config.describe_loss(),
     })
-    save_model(folder, network, card)
+    write_model(folder, task, network, card)
+
+
+def _trained_model(folder: Path, task) -> LoadedModel:
+    """A fold or member model; a cascade's second stage gets its first stage (the registry's
+    ``roi_task`` model) if it came without one (the weights and card a GPU call brings back)."""
+    from LiverSegmentationLogic.training.task_training import write_model
+
+    model = load_model(folder)
+    if task.cascade and not (folder / "roi").is_dir():
+        model = write_model(folder, task, model.network, model.card)
+    return model
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -206,7 +217,7 @@ def evaluate(args):
     rows, epochs = [], {}
     for f in trained:
         held = plan["folds"][f]
-        model = load_model(args.work / f"fold{f}")
+        model = _trained_model(args.work / f"fold{f}", task)
         epochs[f] = model.card["training"]["epochs_run"]
         segmenter = Segmenter(model, device=args.device)
         for case_id in held:
@@ -223,6 +234,9 @@ def evaluate(args):
 def _print_summary(summary: dict):
     for name, record in summary["per_class"].items():
         line = f"{name:<14} Dice mean {record['mean_dice']:.3f}, min {record['min_dice']:.3f}"
+        if record.get("mean_dice_over_1ml") is not None:
+            line += (f" (over the {record['patients_over_1ml']} patients with more than 1 mL: mean "
+                     f"{record['mean_dice_over_1ml']:.3f}, min {record['min_dice_over_1ml']:.3f})")
         if "bland_altman_percent" in record:
             ba = record["bland_altman_percent"]
             worst = max(record["volume_error_percent"], key=abs)
@@ -244,7 +258,7 @@ def _print_summary(summary: dict):
 def ship(args):
     from LiverSegmentationLogic.inference.scoring import validation_record
     from LiverSegmentationLogic.models.network import UNetEnsemble
-    from LiverSegmentationLogic.training.task_training import DATA_NOTE
+    from LiverSegmentationLogic.training.task_training import DATA_NOTE, write_model
 
     plan = _plan(args.work)
     results = json.loads((args.work / "cv_results.json").read_text())
@@ -281,14 +295,14 @@ def ship(args):
     }
     for name in [plan["task"], *args.views]:
         task = load_task(name)
-        names = [c["name"] for c in task.card()["classes"]]
+        names = list(task.reference_values())  # a cascade's first-stage class included
         validation = validation_record(
             results["cases"], results["summary"], names,
             f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient segmented "
             "by the fold model that never saw it; the shipped members are trained on every patient")
         card = {**models[0].card, **task.card(), "version": args.version, "created": _now(),
                 "tool_version": __version__, "training": training, "validation": validation}
-        save_model(args.models / name, network, card)
+        write_model(args.models / name, task, network, card)
         print(f"wrote {args.models / name}")
 
 

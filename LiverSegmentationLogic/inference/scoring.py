@@ -20,6 +20,8 @@ BAD_DICE, GOOD_DICE = 0.85, 0.93
 #: datasets whose files carry a placeholder voxel size (LiTS-derived slices: 1 mm): their volumes
 #: mean nothing, so neither the quality control's volume checks nor volume errors use them
 NO_REAL_SPACING = ("lits-ct/",)
+#: the lesion target (issue 17) counts patients whose reference has more than this much of a class
+LARGE_ML = 1.0
 
 
 def has_real_spacing(case_id: str) -> bool:
@@ -78,7 +80,8 @@ def flag_rates(rows: Sequence[dict]) -> dict:
 
 def summarise(rows: Sequence[dict]) -> dict:
     """Rows of :func:`score_case` (each patient scored by a model that never saw it), per class:
-    Dice mean/min, volume error per patient (in row order) and Bland-Altman in percent of the
+    Dice mean/min (and over the patients with more than :data:`LARGE_ML` of it in the reference,
+    where some have less: lesions), volume error per patient (in row order) and Bland-Altman in percent of the
     reference volume; and the quality control against its targets. A percentage needs no real
     voxel size (the placeholder spacing of the LiTS files cancels), so every patient counts."""
     names = list(rows[0]["dice"])
@@ -86,6 +89,10 @@ def summarise(rows: Sequence[dict]) -> dict:
     for n in names:
         scores = [r["dice"][n] for r in rows]
         record = {"mean_dice": float(np.mean(scores)), "min_dice": float(np.min(scores))}
+        large = [r["dice"][n] for r in rows if r["reference_ml"][n] > LARGE_ML]
+        if len(large) < len(scores):  # lesions: small or absent ones would swamp the mean
+            record.update(patients_over_1ml=len(large), mean_dice_over_1ml=float(np.mean(large)) if large else None,
+                          min_dice_over_1ml=float(np.min(large)) if large else None)
         errors = [100.0 * (r["volume_ml"][n] - r["reference_ml"][n]) / r["reference_ml"][n] for r in rows
                   if r["reference_ml"][n] > 0]
         if errors:

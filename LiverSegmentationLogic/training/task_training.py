@@ -72,17 +72,18 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
     )
 
 
-def _write_model(folder: Path, task: Task, network: UNet2D, card: dict) -> LoadedModel:
-    """Save weights + card; a cascade also gets a copy of its first-stage model in ``roi/``."""
+def write_model(folder: Path, task: Task, network: UNet2D, card: dict) -> LoadedModel:
+    """Save weights + card; a cascade also gets a copy of its first-stage model in ``roi/`` (the
+    task's ``roi_task``, as the registry resolves it), and the card lists that stage's classes too.
+    Writing again over a folder that has one replaces it."""
     if task.cascade:
-        roi_ref = task.cascade.get("roi_model") or task.cascade["roi_task"]
-        roi_folder = resolve_model_folder(roi_ref)
+        roi_folder = resolve_model_folder(task.cascade.get("roi_model") or task.cascade["roi_task"])
         roi = load_model(roi_folder)
         if (folder / "roi").exists():
             shutil.rmtree(folder / "roi")
         shutil.copytree(roi_folder, folder / "roi")
-        card = dict(card, cascade=dict(task.cascade, roi_model="roi"), classes=roi.classes + card["classes"])
-        card["cascade"]["roi_version"] = roi.name_version
+        cascade = dict(task.cascade, roi_model="roi", roi_version=roi.name_version)
+        card = dict(card, cascade=cascade, classes=roi.classes + task.card()["classes"])
     save_model(folder, network, card)
     return load_model(folder)
 
@@ -193,4 +194,4 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
             "hardware": hardware_description(device),
         },
     )
-    return _write_model(folder, task, network, card)
+    return write_model(folder, task, network, card)

@@ -151,3 +151,38 @@ def test_device_script_brings_every_model_back_in_eight_files(cross_validated, t
     for name in names:
         back = load_model(tmp_path / "back" / name)  # the card's checksum matches the weights
         assert back.card == load_model(work / name).card
+
+
+def test_a_cascade_is_cross_validated_and_shipped_with_its_first_stage(lits_ct, tmp_path):
+    """liver-lesion-ct: every fold model, and the shipped one, segments behind a copy of the
+    liver-ct model; the records score the liver as well as the lesions."""
+    import shutil
+
+    data = tmp_path / "lits-ct"
+    data.mkdir()
+    for n in ("0", "1"):  # the two smallest (28 and 27 slices)
+        for kind in ("image", "label"):
+            (data / f"{kind}_{n}.nii.gz").symlink_to(lits_ct / f"{kind}_{n}.nii.gz")
+    work = tmp_path / "work"
+    run("prepare", "--task", "liver-lesion-ct", "--data", data, "--folds", 2, "--work", work)
+    run("train", "--work", work, "--members", 1, "--epochs", 1, "--time-budget", 2, "--device", "cpu")
+    first_stage = load_model(work / "fold0" / "roi").card
+    assert first_stage["name"] == "liver-ct" and first_stage["version"] == load_model(
+        Path(__file__).resolve().parents[2] / "Resources" / "Models" / "liver-ct").card["version"]
+    shutil.rmtree(work / "fold1" / "roi")  # as a GPU call brings it back: weights and card only
+    run("evaluate", "--work", work)
+    assert (work / "fold1" / "roi" / "model_card.json").is_file()
+    results = json.loads((work / "cv_results.json").read_text())
+    assert all(set(r["dice"]) == {"liver", "lesion"} for r in results["cases"])
+    for r in results["cases"]:  # the first stage is the trained liver model: liver + lesions about right
+        found, true = (sum(r[key].values()) for key in ("volume_ml", "reference_ml"))
+        assert found == pytest.approx(true, rel=0.2)
+
+    run("ship", "--work", work, "--version", "9.9.9", "--models", tmp_path / "models")
+    shipped = load_model(tmp_path / "models" / "liver-lesion-ct")
+    assert [c["name"] for c in shipped.classes] == ["liver", "lesion"]
+    assert shipped.card["cascade"]["roi_version"] == f"liver-ct {first_stage['version']}"
+    assert set(shipped.card["validation"]["mean_dice"]) == {"liver", "lesion"}
+    image = read_volume(data / "image_1.nii.gz")
+    labels = Segmenter(shipped, device="cpu").segment(image).labels
+    assert labels.shape == image.array.shape and 1 in labels and set(np.unique(labels)) <= {0, 1, 2}

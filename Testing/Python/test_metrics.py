@@ -103,3 +103,22 @@ def test_volume_agreement_counts_cases_without_a_real_voxel_size():
     liver = summarise(rows)["per_class"]["liver"]
     assert liver["volume_error_percent"] == [10.0, -5.0]
     assert liver["bland_altman_percent"]["bias"] == pytest.approx(2.5)
+
+
+def test_lesion_dice_is_also_summarised_over_patients_with_more_than_1_ml():
+    """The lesion target counts patients with lesions over 1 mL: a healthy liver (no lesion, Dice
+    1.0 when nothing is found) or a 0.5 mL lesion would swamp the mean either way."""
+    from LiverSegmentationLogic.inference.scoring import summarise
+
+    def row(case, lesion_dice, reference_ml):
+        return {"case": case, "dice": {"liver": 0.95, "lesion": lesion_dice},
+                "volume_ml": {"liver": 100.0, "lesion": 1.0}, "reference_ml": {"liver": 100.0, "lesion": reference_ml},
+                "quality": {"status": "ok"}}
+
+    rows = [row("a", 0.7, 12.0), row("b", 0.5, 3.0), row("small", 0.0, 0.5), row("healthy", 1.0, 0.0)]
+    summary = summarise(rows)["per_class"]
+    lesion = summary["lesion"]
+    assert lesion["mean_dice"] == pytest.approx(0.55)
+    assert lesion["patients_over_1ml"] == 2
+    assert lesion["mean_dice_over_1ml"] == pytest.approx(0.6) and lesion["min_dice_over_1ml"] == pytest.approx(0.5)
+    assert "patients_over_1ml" not in summary["liver"]  # every patient counts there already
