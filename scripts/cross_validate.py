@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
@@ -67,6 +68,9 @@ def main(argv=None):
     s = sub.add_parser("evaluate", help="segment every patient with the fold model that never saw it")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--first-stage", type=Path,
+                   help="a cascade's: the work folder of its first stage's cross-validation over the same folds, "
+                        "so that neither stage saw the patient it segments (default: the registry's model)")
     s = sub.add_parser("ship", help="write the members' ensemble with the cross-validated record")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--version", required=True)
@@ -184,15 +188,36 @@ def _train_one(args, plan: dict, name: str):
     write_model(folder, task, network, card)
 
 
-def _trained_model(folder: Path, task) -> LoadedModel:
-    """A fold or member model; a cascade's second stage gets its first stage (the registry's
-    ``roi_task`` model) if it came without one (the weights and card a GPU call brings back)."""
+def _fold_model(folder: Path, task, first_stage: Optional[Path]) -> LoadedModel:
+    """A fold model; a cascade's second stage is given its first stage anew (``first_stage``, or
+    the registry's ``roi_task`` model), so that what is evaluated is what was asked for, also for a
+    model that came without one (the weights and card a GPU call brings back)."""
     from LiverSegmentationLogic.training.task_training import write_model
 
     model = load_model(folder)
-    if task.cascade and not (folder / "roi").is_dir():
-        model = write_model(folder, task, model.network, model.card)
+    if task.cascade:
+        model = write_model(folder, task, model.network, model.card, first_stage)
     return model
+
+
+def _first_stages(args, plan: dict, task) -> tuple[list, str]:
+    """Per fold, the first stage a cascade is evaluated behind (None: the registry's), and what
+    the record says about it."""
+    if not task.cascade:
+        return [None] * len(plan["folds"]), ""
+    if args.first_stage is None:
+        from LiverSegmentationLogic.models.catalog import resolve_model_folder
+
+        roi = load_model(resolve_model_folder(task.cascade["roi_task"]))
+        return [None] * len(plan["folds"]), (
+            f"first stage: {roi.name_version}, the same for every fold (trained on these patients too; its "
+            "own cross-validated figures are in its card)")
+    other = _plan(args.first_stage)
+    if [sorted(f) for f in other["folds"]] != [sorted(f) for f in plan["folds"]]:
+        raise SystemExit(f"{args.first_stage} holds other folds than {args.work}: prepare both with the same "
+                         "datasets, --folds and --seed")
+    return ([args.first_stage / f"fold{f}" for f in range(len(plan["folds"]))],
+            f"first stage: the {other['task']} fold model that never saw the patient either")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -214,10 +239,11 @@ def evaluate(args):
     if missing:
         print(f"INTERIM: fold(s) {', '.join(map(str, missing))} not trained yet; evaluating folds "
               f"{', '.join(map(str, trained))} only")
+    first_stages, first_stage_note = _first_stages(args, plan, task)
     rows, epochs = [], {}
     for f in trained:
         held = plan["folds"][f]
-        model = _trained_model(args.work / f"fold{f}", task)
+        model = _fold_model(args.work / f"fold{f}", task, first_stages[f])
         epochs[f] = model.card["training"]["epochs_run"]
         segmenter = Segmenter(model, device=args.device)
         for case_id in held:
@@ -226,7 +252,8 @@ def evaluate(args):
             print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
                   + f"  {row['quality']['status']}", flush=True)
     summary = summarise(rows)
-    summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs)
+    summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs,
+                   **({"first_stage": first_stage_note} if first_stage_note else {}))
     (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
     _print_summary(summary)
 
@@ -250,6 +277,8 @@ def _print_summary(summary: dict):
     for missed in q["missed"]:
         print(f"  not flagged: {missed}")
     print("epochs run per fold: " + ", ".join(f"{f}: {n}" for f, n in summary["epochs_run"].items()))
+    if "first_stage" in summary:
+        print(summary["first_stage"])
     if summary["folds_missing"]:
         print(f"INTERIM estimate: fold(s) {summary['folds_missing']} not evaluated")
 
@@ -299,7 +328,8 @@ def ship(args):
         validation = validation_record(
             results["cases"], results["summary"], names,
             f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient segmented "
-            "by the fold model that never saw it; the shipped members are trained on every patient")
+            "by the fold model that never saw it; the shipped members are trained on every patient"
+            + (f"; {results['summary']['first_stage']}" if "first_stage" in results["summary"] else ""))
         card = {**models[0].card, **task.card(), "version": args.version, "created": _now(),
                 "tool_version": __version__, "training": training, "validation": validation}
         write_model(args.models / name, task, network, card)

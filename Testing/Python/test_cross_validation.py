@@ -173,6 +173,8 @@ def test_a_cascade_is_cross_validated_and_shipped_with_its_first_stage(lits_ct, 
     run("evaluate", "--work", work)
     assert (work / "fold1" / "roi" / "model_card.json").is_file()
     results = json.loads((work / "cv_results.json").read_text())
+    assert "liver-ct" in results["summary"]["first_stage"] and "trained on these patients too" in \
+        results["summary"]["first_stage"]
     assert all(set(r["dice"]) == {"liver", "lesion"} for r in results["cases"])
     for r in results["cases"]:  # the first stage is the trained liver model: liver + lesions about right
         found, true = (sum(r[key].values()) for key in ("volume_ml", "reference_ml"))
@@ -186,3 +188,27 @@ def test_a_cascade_is_cross_validated_and_shipped_with_its_first_stage(lits_ct, 
     image = read_volume(data / "image_1.nii.gz")
     labels = Segmenter(shipped, device="cpu").segment(image).labels
     assert labels.shape == image.array.shape and 1 in labels and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_a_cascade_can_be_evaluated_behind_first_stage_fold_models(lits_ct, cross_validated, tmp_path):
+    """``evaluate --first-stage``: each patient's liver comes from the liver-ct fold model that never
+    saw it either; a first-stage cross-validation over other folds is refused."""
+    data = tmp_path / "lits-ct"
+    data.mkdir()
+    for n in ("0", "1"):
+        for kind in ("image", "label"):
+            (data / f"{kind}_{n}.nii.gz").symlink_to(lits_ct / f"{kind}_{n}.nii.gz")
+    liver, lesion = tmp_path / "liver", tmp_path / "lesion"
+    for task, work in (("liver-ct", liver), ("liver-lesion-ct", lesion)):
+        run("prepare", "--task", task, "--data", data, "--folds", 2, "--work", work)
+        run("train", "--work", work, "--folds-to-train", 0, 1, "--epochs", 1, "--time-budget", 1, "--device", "cpu")
+    run("evaluate", "--work", lesion, "--first-stage", liver)
+    results = json.loads((lesion / "cv_results.json").read_text())
+    assert "never saw the patient either" in results["summary"]["first_stage"]
+    for f, held in enumerate(json.loads((lesion / "plan.json").read_text())["folds"]):
+        first = load_model(lesion / f"fold{f}" / "roi").card
+        assert first == load_model(liver / f"fold{f}").card and not set(first["training"]["train_cases"]) & set(held)
+    _, other, _ = cross_validated  # three MR patients in three folds
+    refused = subprocess.run([sys.executable, str(SCRIPT), "evaluate", "--work", str(lesion), "--first-stage",
+                              str(other)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "other folds" in refused.stderr
