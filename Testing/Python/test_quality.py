@@ -111,3 +111,21 @@ def test_flag_rates_count_missed_structures_and_needless_flags():
     assert rates["structures_below_0.85"] == 2 and rates["structures_below_0.85_flagged"] == 1
     assert rates["cases_all_at_least_0.93"] == 2 and rates["cases_all_at_least_0.93_flagged"] == 1
     assert rates["missed"] == ["b spleen (Dice 0.830)"]
+
+
+def test_lesions_are_checked_for_certainty_only():
+    """Any number and size of lesions is plausible (none at all too); an outline the model was
+    unsure of is not (on the cross-validated CT cascade such outlines were the poor ones)."""
+    classes = [class_entry(1, "liver"), class_entry(2, "lesion")]
+    labels = np.zeros((80, 160, 220), np.uint8)
+    labels[20:70, 30:120, 10:100] = 1
+    uncertain = np.zeros(256, np.int64)
+    uncertain[1] = 1000  # a sure liver
+    assert quality_check(labels, GRID, classes, uncertain)["status"] == OK  # no lesion found: fine
+    labels[30:34, 50:60, 20:30] = 2  # 400 lesion voxels
+    labels[60:61, 100:101, 80:81] = 2  # and a speck: two pieces, 3.2 uL
+    uncertain[2] = 80
+    assert quality_check(labels, GRID, classes, uncertain)["status"] == OK
+    uncertain[2] = 200
+    result = quality_check(labels, GRID, classes, uncertain)
+    assert result["status"] == NEEDS_REVIEW and result["reasons"] == ["the model was unsure of 50 % of the lesion"]
