@@ -67,24 +67,25 @@ def test_ct_liver_lesion_cascade_from_config_files(home, tmp_path, lits_ct, caps
     assert remote["volumes_ml"] == readout["volumes_ml"] and remote["lesions"] == lesions
 
 
-def test_shipped_ct_cascade_finds_liver_and_lesions_on_held_out_patient(lits_ct):
-    """The bundled liver-lesion-ct model on lits-ct patient 1 (held out from its training)."""
+def test_shipped_ct_cascade_finds_liver_and_lesions(lits_ct):
+    """The bundled liver-lesion-ct model on lits-ct patient 6 (a training patient: what unseen
+    patients get is the card's cross-validated record, checked here to be complete)."""
     from LiverSegmentationLogic.inference.segmenter import Segmenter
     from LiverSegmentationLogic.readouts.metrics import dice
     from LiverSegmentationLogic.models.model_files import load_model
 
     model = load_model("liver-lesion-ct")
     assert [c["name"] for c in model.classes] == ["liver", "lesion"]
-    assert "lits-ct/1" in model.card["validation"]["validation_cases"]
-    labels = Segmenter(model, device="cpu").segment(read_volume(lits_ct / "image_1.nii.gz")).labels
-    ref = np.rint(read_volume(lits_ct / "label_1.nii.gz", validate=False).array)
+    assert model.card["cascade"]["roi_version"] == f"liver-ct {load_model('liver-ct').card['version']}"
+    validation = model.card["validation"]
+    assert sorted(validation["per_case_dice"]) == sorted(model.card["training"]["train_cases"])
+    assert validation["per_class"]["lesion"]["patients_over_1ml"] >= 1
+    labels = Segmenter(model, device="cpu").segment(read_volume(lits_ct / "image_6.nii.gz")).labels
+    ref = np.rint(read_volume(lits_ct / "label_6.nii.gz", validate=False).array)
     assert dice(labels > 0, ref > 0) > 0.9  # the liver with its lesions
     found = labels == 2
-    assert found.any()
-    # lesions are found inside the liver, and what is found is mostly real lesion (the model
-    # misses most lesion voxels: see its card, lesion Dice on this patient)
-    assert (ref[found] > 0).mean() > 0.95
-    assert (ref[found] == 2).mean() > 0.25
+    assert found.any() and (ref[found] > 0).mean() > 0.95  # lesions are found inside the liver
+    assert dice(found, ref == 2) > 0.5
 
 
 def test_abdominal_model_reads_out_each_organ(tmp_path, sample_case, capsys):
