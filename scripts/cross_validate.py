@@ -200,24 +200,25 @@ def _fold_model(folder: Path, task, first_stage: Optional[Path]) -> LoadedModel:
     return model
 
 
-def _first_stages(args, plan: dict, task) -> tuple[list, str]:
+def _first_stages(args, plan: dict, task) -> tuple[list, dict]:
     """Per fold, the first stage a cascade is evaluated behind (None: the registry's), and what
     the record says about it."""
     if not task.cascade:
-        return [None] * len(plan["folds"]), ""
+        return [None] * len(plan["folds"]), {}
     if args.first_stage is None:
         from LiverSegmentationLogic.models.catalog import resolve_model_folder
 
         roi = load_model(resolve_model_folder(task.cascade["roi_task"]))
-        return [None] * len(plan["folds"]), (
+        return [None] * len(plan["folds"]), {"first_stage": (
             f"first stage: {roi.name_version}, the same for every fold (trained on these patients too; its "
-            "own cross-validated figures are in its card)")
+            "own cross-validated figures are in its card)")}
     other = _plan(args.first_stage)
     if [sorted(f) for f in other["folds"]] != [sorted(f) for f in plan["folds"]]:
         raise SystemExit(f"{args.first_stage} holds other folds than {args.work}: prepare both with the same "
                          "datasets, --folds and --seed")
     return ([args.first_stage / f"fold{f}" for f in range(len(plan["folds"]))],
-            f"first stage: the {other['task']} fold model that never saw the patient either")
+            {"first_stage": f"first stage: the {other['task']} fold model that never saw the patient either",
+             "first_stage_task": other["task"]})
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -239,7 +240,7 @@ def evaluate(args):
     if missing:
         print(f"INTERIM: fold(s) {', '.join(map(str, missing))} not trained yet; evaluating folds "
               f"{', '.join(map(str, trained))} only")
-    first_stages, first_stage_note = _first_stages(args, plan, task)
+    first_stages, first_stage_record = _first_stages(args, plan, task)
     rows, epochs = [], {}
     for f in trained:
         held = plan["folds"][f]
@@ -252,8 +253,7 @@ def evaluate(args):
             print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
                   + f"  {row['quality']['status']}", flush=True)
     summary = summarise(rows)
-    summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs,
-                   **({"first_stage": first_stage_note} if first_stage_note else {}))
+    summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs, **first_stage_record)
     (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
     _print_summary(summary)
 
@@ -301,6 +301,7 @@ def ship(args):
     network = models[0].network if len(models) == 1 else UNetEnsemble([m.network for m in models])
     first = models[0].card["training"]
     sources = " ".join(plan.get("sources", plan["data"]))
+    first_stage_task = results["summary"].get("first_stage_task")  # its own card has its commands
     training = {
         "data": sorted({DATA_NOTE.get(Path(d).name, Path(d).name) for d in plan["data"]}), "split": "patient-wise",
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
@@ -317,7 +318,8 @@ def ship(args):
             f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",
             f"python scripts/cross_validate.py train --work WORK --members {len(models)} "
             f"--epochs {first['epochs_run']}",
-            "python scripts/cross_validate.py evaluate --work WORK",
+            "python scripts/cross_validate.py evaluate --work WORK"
+            + (f" --first-stage {first_stage_task.upper().replace('-', '_')}_WORK" if first_stage_task else ""),
             f"python scripts/cross_validate.py ship --work WORK --version {args.version}"
             + (f" --views {' '.join(args.views)}" if args.views else ""),
         ],
