@@ -206,9 +206,9 @@ def _first_stages(args, plan: dict, task) -> tuple[list, dict]:
     if not task.cascade:
         return [None] * len(plan["folds"]), {}
     if args.first_stage is None:
-        from LiverSegmentationLogic.models.catalog import resolve_model_folder
+        from LiverSegmentationLogic.training.task_training import first_stage_folder
 
-        roi = load_model(resolve_model_folder(task.cascade["roi_task"]))
+        roi = load_model(first_stage_folder(task))
         return [None] * len(plan["folds"]), {"first_stage": (
             f"first stage: {roi.name_version}, the same for every fold (trained on these patients too; its "
             "own cross-validated figures are in its card)")}

@@ -82,8 +82,9 @@ def summarise(rows: Sequence[dict]) -> dict:
     """Rows of :func:`score_case` (each patient scored by a model that never saw it), per class:
     Dice mean/min (and over the patients with more than :data:`LARGE_ML` of it in the reference,
     where some have less: lesions), volume error per patient (in row order) and Bland-Altman in
-    percent of the reference volume; and the quality control against its targets. A percentage needs no real
-    voxel size (the placeholder spacing of the LiTS files cancels), so every patient counts."""
+    percent of the reference volume; and the quality control against its targets. A percentage
+    needs no real voxel size (the placeholder spacing of the LiTS files cancels), so every patient
+    counts."""
     names = list(rows[0]["dice"])
     per_class = {}
     for n in names:

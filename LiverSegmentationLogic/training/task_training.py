@@ -72,13 +72,18 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
     )
 
 
+def first_stage_folder(task: Task) -> Path:
+    """A cascade's first-stage model (the task's ``roi_task``) as the registry resolves it."""
+    return resolve_model_folder(task.cascade.get("roi_model") or task.cascade["roi_task"])
+
+
 def write_model(folder: Path, task: Task, network: UNet2D, card: dict,
                 first_stage: Optional[Path] = None) -> LoadedModel:
     """Save weights + card; a cascade also gets a copy of its first-stage model in ``roi/``
     (``first_stage``, by default the task's ``roi_task`` as the registry resolves it), and the card
     lists that stage's classes too. Writing again over a folder that has one replaces it."""
     if task.cascade:
-        roi_folder = first_stage or resolve_model_folder(task.cascade.get("roi_model") or task.cascade["roi_task"])
+        roi_folder = first_stage or first_stage_folder(task)
         roi = load_model(roi_folder)
         if (folder / "roi").exists():
             shutil.rmtree(folder / "roi")
