@@ -184,6 +184,7 @@ def _train_one(args, plan: dict, name: str):
         "seed": seed, "wall_time_s_last_run": round(time.perf_counter() - t0, 1),
         "hardware": hardware_description(args.device),
         "optimiser": config.describe_optimiser(), "loss": config.describe_loss(),
+        "augmentation": config.augmentation.describe(),
     })
     write_model(folder, task, network, card)
 
@@ -313,6 +314,7 @@ def ship(args):
                     for m in models],
         "optimiser": first["optimiser"],
         "loss": first.get("loss", "Dice + cross-entropy (MONAI DiceCELoss)"),  # older member cards lack it
+        **({"augmentation": first["augmentation"]} if "augmentation" in first else {}),
         "reproduce": [
             f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
             f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",

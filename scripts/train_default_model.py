@@ -185,7 +185,7 @@ def _training_record(train_cases, train, losses, train_s, initialised_from) -> d
         "final_loss": losses[-1],
         "loss": train.describe_loss(),
         "optimiser": train.describe_optimiser(),
-        "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
+        "augmentation": train.augmentation.describe(),
         "seed": train.seed,
         "wall_time_s": round(train_s, 1),
         "hardware": hardware_description(train.device),

@@ -23,6 +23,7 @@ from ..models.model_files import LoadedModel, load_model, save_model
 from ..models.network import UNet2D
 from ..models.tasks import Task
 from .trainer import (
+    Augmentation,
     TrainConfig,
     TrainingCase,
     balanced_class_weights,
@@ -69,6 +70,7 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
         seed=seed,
         class_weights=weights,
         device=device,
+        augmentation=Augmentation.from_options(task.training_option("augmentation")),
     )
 
 
@@ -194,7 +196,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
             "losses": [round(v, 5) for v in losses],
             "loss": train.describe_loss(),
             "optimiser": train.describe_optimiser(),
-            "augmentation": "rotation +-10 deg, scale 0.9-1.1, shift, elastic, gamma, contrast, noise",
+            "augmentation": train.augmentation.describe(),
             "seed": seed,
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "hardware": hardware_description(device),

@@ -6,7 +6,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -89,10 +89,51 @@ def load_case(
     return TrainingCase(name or Path(paths[0]).name, prepared.image, prepare_labels(mapped, prepared))
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What :func:`augment_batch` does to each training batch.
+
+    The defaults are this project's set since 1.0.0 (always on: rotation, scale, shift, elastic,
+    gamma, contrast, noise). The options add the rest of nnU-Net's set (Isensee et al., Nature
+    Methods 18, 2021): mirroring of both in-plane axes, Gaussian blur, simulated low resolution.
+    A task turns them on with ``training.augmentation`` (e.g. ``{"mirror": true}``).
+    """
+
+    rotation_deg: float = 10.0
+    scale: float = 0.1  # zoom in 1 +- scale
+    mirror: bool = False  # flip each in-plane axis with probability 0.5
+    blur_probability: float = 0.0  # Gaussian blur, sigma 0.5-1.0 pixel (nnU-Net: 0.2)
+    low_resolution_probability: float = 0.0  # down 1-2x, back up (nnU-Net: 0.25)
+
+    @classmethod
+    def from_options(cls, options: Optional[dict]) -> "Augmentation":
+        """From a task's ``training.augmentation`` object; unknown keys are an error."""
+        options = dict(options or {})
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s): {', '.join(sorted(unknown))}")
+        return cls(**options)
+
+    def describe(self) -> str:
+        """For the model card."""
+        parts = [f"rotation +-{self.rotation_deg:g} deg", f"scale {1 - self.scale:g}-{1 + self.scale:g}",
+                 "shift", "elastic", "gamma", "contrast", "noise"]
+        if self.mirror:
+            parts.append("mirroring (both in-plane axes)")
+        if self.blur_probability:
+            parts.append(f"Gaussian blur (p {self.blur_probability:g})")
+        if self.low_resolution_probability:
+            parts.append(f"simulated low resolution (p {self.low_resolution_probability:g})")
+        return ", ".join(parts)
+
+
 def augment_batch(
-    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, strength: float = 1.0
+    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
+    augmentation: Augmentation = Augmentation(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation (+-10 deg), scale (0.9-1.1), shift, elastic deformation and intensity changes.
+    """Random spatial and intensity changes (see :class:`Augmentation`), the same spatial ones to
+    images and labels. Options left off draw no random numbers, so a recipe without them trains
+    exactly as before they existed.
 
     Args:
         images: (B, C, H, W) float in 0-1.
@@ -103,25 +144,59 @@ def augment_batch(
     def rand(*shape, lo=-1.0, hi=1.0):  # drawn on the CPU generator, used where the images are
         return (lo + (hi - lo) * torch.rand(*shape, generator=generator)).to(images.device)
 
-    angle = rand(b) * math.radians(10) * strength
-    scale = 1.0 + rand(b) * 0.1 * strength
+    angle = rand(b) * math.radians(augmentation.rotation_deg) * strength
+    scale = 1.0 + rand(b) * augmentation.scale * strength
     shift = rand(b, 2) * 0.05 * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
+    if augmentation.mirror:  # negating an output axis's column of theta mirrors that axis
+        flips = torch.where(rand(b, 2) < 0, -1.0, 1.0)
+        theta = theta * torch.cat([flips, torch.ones_like(flips[:, :1])], 1)[:, None, :]
     grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
     # elastic: a coarse random displacement field, smoothly upsampled
     coarse = rand(b, 2, 5, 5, lo=-1, hi=1) * 0.03 * strength
     grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if augmentation.low_resolution_probability:
+        images = _simulate_low_resolution(images, rand(b, lo=0, hi=1) < augmentation.low_resolution_probability,
+                                          rand(b, lo=1, hi=2))
+    if augmentation.blur_probability:
+        images = _blur(images, rand(b, lo=0, hi=1) < augmentation.blur_probability, rand(b, lo=0.5, hi=1.0))
     # intensity: gamma, contrast/brightness, noise
     gamma = torch.exp(rand(b, 1, 1, 1) * 0.3 * strength)
     images = images.clamp(0, 1) ** gamma
     images = images * (1 + rand(b, 1, 1, 1) * 0.1 * strength) + rand(b, 1, 1, 1) * 0.05 * strength
     images = images + torch.randn(images.shape, generator=generator).to(images.device) * 0.01 * strength
     return images, labels[:, 0].long()
+
+
+def _simulate_low_resolution(images: torch.Tensor, chosen: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's SimulateLowResolution: the chosen images down by ``factor`` (nearest), back up (bilinear)."""
+    out = images.clone()
+    h, w = images.shape[-2:]
+    for i in chosen.nonzero().flatten().tolist():
+        small = F.interpolate(images[i : i + 1], size=(max(1, int(h / factor[i])), max(1, int(w / factor[i]))),
+                              mode="nearest")
+        out[i : i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
+
+
+def _blur(images: torch.Tensor, chosen: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A separable Gaussian blur of the chosen images (every channel), ``sigma`` pixels each."""
+    out = images.clone()
+    c = images.shape[1]
+    offsets = torch.arange(-2, 3, dtype=images.dtype, device=images.device)
+    for i in chosen.nonzero().flatten().tolist():
+        kernel = torch.exp(-0.5 * (offsets / sigma[i]) ** 2)
+        kernel = (kernel / kernel.sum()).to(images.dtype)
+        x = images[i : i + 1]
+        x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+        x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), kernel.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+        out[i : i + 1] = x
+    return out
 
 
 @dataclass
@@ -141,6 +216,7 @@ class TrainConfig:
     #: train on random square patches of this size (pixels on the model grid) instead of whole
     #: slices; a third of them centred on foreground (nnU-Net's sampling). None: whole slices
     patch_size: Optional[int] = None
+    augmentation: Augmentation = field(default_factory=Augmentation)
 
     def describe_loss(self) -> str:
         """For the model card."""
@@ -255,7 +331,7 @@ def train_network(
             if train.patch_size:
                 slices = [random_patch(i, label, train.patch_size, rng) for i, label in slices]
             x, y = _batch(*map(list, zip(*slices)))
-            x, y = augment_batch(x.to(device), y.to(device), generator)
+            x, y = augment_batch(x.to(device), y.to(device), generator, augmentation=train.augmentation)
             loss = loss_fn(network(x.contiguous(memory_format=memory_format)), y[:, None])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -120,11 +120,43 @@ def test_random_patches_cover_the_slice_and_favour_the_foreground():
     assert small.shape == (2, 16, 16) and small[:, :3].max() == 0  # padded, centred
 
 
+def test_augmentation_moves_images_and_labels_together_and_its_options_add_nnunet_s():
+    import torch
+
+    from LiverSegmentationLogic.training.trainer import Augmentation, augment_batch
+
+    images = torch.zeros(64, 2, 48, 48)
+    images[:, :, 4:20, 6:18] = 1  # an organ in the upper left quadrant
+    labels = (images[:, 0] > 0.5).long()
+
+    def run(augmentation):
+        x, y = augment_batch(images, labels, torch.Generator().manual_seed(0), augmentation=augmentation)
+        organ = x[:, 1] > 0.5
+        dice = 2 * (organ & (y > 0)).sum((1, 2)) / (organ.sum((1, 2)) + (y > 0).sum((1, 2)))
+        assert dice.min() > 0.8  # the labels follow the image wherever it went
+        centres = torch.stack([(y > 0).nonzero()[(y > 0).nonzero()[:, 0] == i, 1:].float().mean(0)
+                               for i in range(len(y))])
+        return x, {tuple(q) for q in (centres > 24).tolist()}
+
+    _, quadrants = run(Augmentation())
+    assert quadrants == {(False, False)}
+    _, quadrants = run(Augmentation(mirror=True))
+    assert len(quadrants) == 4  # both axes mirrored, apart and together
+    sharp, _ = run(Augmentation())
+    soft, _ = run(Augmentation(blur_probability=1.0, low_resolution_probability=1.0))
+    edges = lambda x: (x[..., 1:] - x[..., :-1]).abs().amax((1, 2, 3))  # noqa: E731
+    assert (edges(soft) < 0.8 * edges(sharp)).all()
+    assert "mirroring" in Augmentation(mirror=True).describe()
+    with pytest.raises(ValueError, match="unknown augmentation option"):
+        Augmentation.from_options({"mirrors": True})
+
+
 def test_patch_training_runs_and_the_model_segments_whole_volumes(home, tmp_path, chaos_mr):
     data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21])
-    task = load_task(small_task_file(home, training={"patch_size": 64}))
+    task = load_task(small_task_file(home, training={"patch_size": 64, "augmentation": {"mirror": True}}))
     model = train_task(task, [data], output=tmp_path / "patches", epochs=2, validation=["21"], log=lambda m: None)
     assert "of 64 x 64 patches" in model.card["training"]["optimiser"]
+    assert "mirroring" in model.card["training"]["augmentation"]
     assert set(model.card["validation"]["mean_dice"]) == {"liver", "right kidney", "left kidney", "spleen"}
 
 
