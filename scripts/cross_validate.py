@@ -14,7 +14,9 @@ Four steps, so that the training can run on a machine that has neither the data 
         --epochs 250 --device cuda --jobs 7
     # here: every patient segmented by the fold model that never saw it (full pipeline, input
     # grid): Dice per class, volumes, Bland-Altman, the quality control's flags (while folds are
-    # still training: an interim estimate over the folds that have a model, which ship refuses)
+    # still training: an interim estimate over the folds that have a model, which ship refuses;
+    # a fold whose model and first stage are unchanged since the last evaluation is not segmented
+    # again, --again forces it)
     python scripts/cross_validate.py evaluate --work cv/mr
     # here: the members trained on every case, as one ensemble, with the cross-validated record
     python scripts/cross_validate.py ship --work cv/mr --version 3.0.0 --models Resources/Models \
@@ -71,6 +73,9 @@ def main(argv=None):
     s.add_argument("--first-stage", type=Path,
                    help="a cascade's: the work folder of its first stage's cross-validation over the same folds, "
                         "so that neither stage saw the patient it segments (default: the registry's model)")
+    s.add_argument("--again", action="store_true",
+                   help="segment every patient again, also those whose fold model (and first stage) are unchanged "
+                        "since the last evaluation")
     s = sub.add_parser("ship", help="write the members' ensemble with the cross-validated record")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--version", required=True)
@@ -242,21 +247,46 @@ def evaluate(args):
         print(f"INTERIM: fold(s) {', '.join(map(str, missing))} not trained yet; evaluating folds "
               f"{', '.join(map(str, trained))} only")
     first_stages, first_stage_record = _first_stages(args, plan, task)
+    previous = [] if args.again else _previous_rows(args.work)
     rows, epochs = [], {}
     for f in trained:
         held = plan["folds"][f]
         model = _fold_model(args.work / f"fold{f}", task, first_stages[f])
         epochs[f] = model.card["training"]["epochs_run"]
+        key = _model_key(model.folder)
+        reused = [r for r in previous if r.get("fold") == f and r.get("model_key") == key]
+        if sorted(r["case"] for r in reused) == sorted(held):
+            rows += reused
+            print(f"fold {f}: model unchanged since the last evaluation, its patients' rows reused", flush=True)
+            continue
         segmenter = Segmenter(model, device=args.device)
         for case_id in held:
             row = score_case(segmenter, files[case_id], reference_values, check_volumes=has_real_spacing(case_id))
-            rows.append(dict(row, fold=f))
+            rows.append(dict(row, fold=f, model_key=key))
             print(f"{case_id:<16} fold {f}  " + "  ".join(f"{n[:7]} {d:.3f}" for n, d in row["dice"].items())
                   + f"  {row['quality']['status']}", flush=True)
     summary = summarise(rows)
     summary.update(folds_evaluated=trained, folds_missing=missing, epochs_run=epochs, **first_stage_record)
     (args.work / "cv_results.json").write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n")
     _print_summary(summary)
+
+
+def _model_key(folder: Path) -> str:
+    """What a row was segmented by: the model's card (which holds its weights' sha256 and every
+    setting) and, for a cascade, its first stage's."""
+    import hashlib
+
+    cards = [folder / "model_card.json", folder / "roi" / "model_card.json"]
+    return hashlib.sha256(b"".join(c.read_bytes() for c in cards if c.is_file())).hexdigest()
+
+
+def _previous_rows(work: Path) -> list[dict]:
+    """The last evaluation's rows (a fold CPU-trained for hours is evaluated once, not after
+    every other fold); none where there is no readable one."""
+    try:
+        return json.loads((work / "cv_results.json").read_text())["cases"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def _print_summary(summary: dict):

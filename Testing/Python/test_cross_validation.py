@@ -67,9 +67,17 @@ def test_evaluation_and_the_shipped_card(cross_validated):
                               "--models", str(root / "models")], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "interim" in refused.stderr and not (root / "models").exists()
 
-    run("evaluate", "--work", work)
+    out = run("evaluate", "--work", work)  # fold 1 is back: only its patient is segmented
     results = json.loads((work / "cv_results.json").read_text())
     plan = json.loads((work / "plan.json").read_text())
+    assert out.count("rows reused") == 2 and plan["folds"][1][0] in out
+    assert [r for r in results["cases"] if r["fold"] != 1] == interim["cases"]
+    card = json.loads((work / "fold0" / "model_card.json").read_text())
+    (work / "fold0" / "model_card.json").write_text(json.dumps(dict(card, created="2000-01-01")))  # another model
+    out = run("evaluate", "--work", work)
+    assert out.count("rows reused") == 2 and "fold 0: model unchanged" not in out
+    assert "rows reused" not in run("evaluate", "--work", work, "--again")
+    results = json.loads((work / "cv_results.json").read_text())
     assert {r["case"]: r["fold"] for r in results["cases"]} == {c: f for f, fold in enumerate(plan["folds"])
                                                                 for c in fold}
     liver = results["summary"]["per_class"]["liver"]
@@ -205,6 +213,8 @@ def test_a_cascade_can_be_evaluated_behind_first_stage_fold_models(lits_ct, cros
     run("evaluate", "--work", lesion, "--first-stage", liver)
     results = json.loads((lesion / "cv_results.json").read_text())
     assert "never saw the patient either" in results["summary"]["first_stage"]
+    assert "rows reused" not in run("evaluate", "--work", lesion)  # behind another first stage: segmented again
+    assert run("evaluate", "--work", lesion, "--first-stage", liver).count("rows reused") == 0  # and back
     run("train", "--work", lesion, "--folds-to-train", "members", "--members", 1, "--epochs", 1, "--time-budget", 1,
         "--device", "cpu")
     run("ship", "--work", lesion, "--version", "9.9.9", "--models", tmp_path / "models")
