@@ -8,7 +8,8 @@ its left-right mirror, then ``scripts/cross_validate.py evaluate`` runs as usual
     python benchmarks/bench_mirroring.py --second-stage-only evaluate --work cv/lesion-mirrored --first-stage cv/ct
 
 The work folder is a copy of a cross-validation's ``plan.json`` and ``fold*/`` (its
-``cv_results.json`` is overwritten). Without ``--second-stage-only`` every network is mirrored.
+``cv_results.json`` is overwritten; every patient is segmented again, as ``evaluate --again``).
+Without ``--second-stage-only`` every network is mirrored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main():
     args = sys.argv[1:]
     second_stage_only = "--second-stage-only" in args
     args = [a for a in args if a != "--second-stage-only"]
+    if "evaluate" in args and "--again" not in args:
+        args.append("--again")  # the rows an earlier evaluation left were not mirrored
     build, built = segmenter.inference_network, []
 
     def mirrored(network):

@@ -16,7 +16,7 @@ Four steps, so that the training can run on a machine that has neither the data 
     # grid): Dice per class, volumes, Bland-Altman, the quality control's flags (while folds are
     # still training: an interim estimate over the folds that have a model, which ship refuses;
     # a fold whose model and first stage are unchanged since the last evaluation is not segmented
-    # again, --again forces it)
+    # again; --again after a change to the pipeline, scoring or quality control code)
     python scripts/cross_validate.py evaluate --work cv/mr
     # here: the members trained on every case, as one ensemble, with the cross-validated record
     python scripts/cross_validate.py ship --work cv/mr --version 3.0.0 --models Resources/Models \
@@ -75,7 +75,8 @@ def main(argv=None):
                         "so that neither stage saw the patient it segments (default: the registry's model)")
     s.add_argument("--again", action="store_true",
                    help="segment every patient again, also those whose fold model (and first stage) are unchanged "
-                        "since the last evaluation")
+                        "since the last evaluation: after a change to the pipeline, the scoring or the quality "
+                        "control, which the reuse cannot see")
     s = sub.add_parser("ship", help="write the members' ensemble with the cross-validated record")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--version", required=True)
@@ -257,7 +258,8 @@ def evaluate(args):
         reused = [r for r in previous if r.get("fold") == f and r.get("model_key") == key]
         if sorted(r["case"] for r in reused) == sorted(held):
             rows += reused
-            print(f"fold {f}: model unchanged since the last evaluation, its patients' rows reused", flush=True)
+            print(f"fold {f}: model unchanged since the last evaluation, its patients' rows reused "
+                  "(--again after a change to the code)", flush=True)
             continue
         segmenter = Segmenter(model, device=args.device)
         for case_id in held:
