@@ -3,8 +3,8 @@ score on the held-out patient.
 
     python scripts/train_ct_models.py --data ../shared/data --models Resources/Models
 
-``liver-ct`` (2.0.0) and the ``liver-lesion-ct`` cascade (2.0.0) come from
-``scripts/cross_validate.py``: their cards have the commands. liver-lesion-ct-3class 1.0.0 was
+``liver-ct`` and the ``liver-lesion-ct`` cascade come from ``scripts/cross_validate.py``
+(since their 2.0.0): their cards have the commands. liver-lesion-ct-3class 1.0.0 was
 trained when lits-ct held patients 0-2 (0 and 2 trained, 1 held out, as the task file names it);
 lits-ct now holds 0-7, so a re-run trains on more. Runs in a temporary registry, so that nothing
 of the user's is activated.
