@@ -30,6 +30,7 @@ def postprocess_labels(labels: np.ndarray, rules: dict[int, dict]) -> np.ndarray
     Args:
         rules: ``{label: {"largest_component": bool, "fill_holes": bool}}``. Filled holes take the
             class's label only where they were background, so other classes are never overwritten.
+            (A rule's ``threshold`` acts before, on the probabilities: see ``segmenter.decision_weights``.)
     """
     out = labels.copy()
     for label, rule in rules.items():

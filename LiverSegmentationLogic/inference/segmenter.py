@@ -14,6 +14,7 @@ from ..errors import CancelledError, InvalidImageError, ModelLoadError
 from ..io.volumes import Volume, channel_array, crop_volume, validate_volume
 from ..models.model_files import LoadedModel
 from ..models.network import inference_network
+from ..models.tasks import valid_threshold
 from .postprocessing import postprocess_labels
 from .preprocessing import grow_region, neighbour_stack, prepare_volume
 from .results import UNCERTAIN_BELOW, ProgressCallback, SegmentationResult
@@ -103,6 +104,9 @@ class Segmenter:
         # sums output probabilities per written label, so uncertainty is about what the user sees
         # (a liver-only model hesitating between spleen and background is not a liver question)
         self._to_written = torch.nn.functional.one_hot(self.output_labels.long()).float().to(self.device)
+        self._decision_weights = decision_weights(model.output_labels, self.rules)
+        if self._decision_weights is not None:
+            self._decision_weights = self._decision_weights.to(self.device)
         self.roi = None
         cascade = model.card.get("cascade")
         if cascade:  # a second-stage model: its first stage is a model folder inside its own
@@ -201,7 +205,7 @@ class Segmenter:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 logits = self.network(batch).float()
                 probs = torch.softmax(prepared.to_input_grid(logits), dim=1)
-                label = probs.argmax(dim=1)
+                label = (probs if self._decision_weights is None else probs * self._decision_weights).argmax(dim=1)
                 axial_labels[idx] = self.output_labels[label.cpu()].numpy()
                 written = torch.einsum("bchw,cl->blhw", probs, self._to_written).amax(dim=1)
                 uncertain = (written < UNCERTAIN_BELOW).cpu().numpy()
@@ -224,6 +228,24 @@ class Segmenter:
             slice_uncertainty=uncertainty,
             uncertain_by_label=uncertain_by_label,
         )
+
+
+def decision_weights(output_labels: list[int], rules: dict[int, dict]) -> Optional[torch.Tensor]:
+    """Weights on the output probabilities before the argmax, from the classes' ``threshold``
+    (postprocessing rule): a class with threshold ``t`` wins over background where its probability
+    reaches ``t`` (its odds against background are weighed by ``(1 - t) / t``); without one the most
+    probable class wins. ``None`` when no class sets a threshold. Shaped (1, channels, 1, 1)."""
+    weights = [1.0] * len(output_labels)
+    for channel, label in enumerate(output_labels):
+        t = rules.get(int(label), {}).get("threshold") if label else None
+        if t is None:
+            continue
+        if not valid_threshold(t):
+            raise ModelLoadError(f"class {label}: threshold must be a number between 0 and 1, got {t!r}")
+        weights[channel] = (1 - t) / t
+    if weights == [1.0] * len(output_labels):
+        return None
+    return torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def _staged(progress: Optional[ProgressCallback], stage: str) -> Optional[ProgressCallback]:

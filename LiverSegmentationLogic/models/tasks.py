@@ -21,7 +21,9 @@ users, see :func:`io.locations.home_dir`) holds::
       "cascade": {"roi_task": "liver-ct", "roi_class": "liver", "roi_labels": [1, 2], "margin_mm": 10}
     }
 
-A class may give ``label`` (the value written out; default its network index), ``color`` and
+A class may give ``label`` (the value written out; default its network index), ``color``,
+``postprocessing`` (``largest_component``, ``fill_holes``, and ``threshold``: the probability at
+which the class wins over background; without it the most probable class wins) and
 ``terminology`` (defaults from :mod:`anatomy` for known structure names). ``cascade`` makes a second
 stage: the ROI task's model segments first, this task's network then sees only the image inside
 that class (``roi_labels``: the dataset values that make up the ROI when training).
@@ -149,6 +151,11 @@ def reference_values(classes: list[dict], output_labels: list[int], label_map: d
     return out
 
 
+def valid_threshold(value) -> bool:
+    """A class's probability threshold (postprocessing ``threshold``): a number strictly between 0 and 1."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
 def validate_task(spec: dict, where: str = "task") -> None:
     """Raise :class:`TaskError` naming the first problem of a task spec."""
     def fail(msg):
@@ -171,6 +178,10 @@ def validate_task(spec: dict, where: str = "task") -> None:
         fail(f"unknown readouts {sorted(unknown)}; known: {sorted(KNOWN_READOUTS)}")
     if not spec.get("channels", ["image"]):
         fail("'channels' must list at least one input image")
+    for c in spec["classes"]:
+        threshold = (c.get("postprocessing") or {}).get("threshold")
+        if threshold is not None and not valid_threshold(threshold):
+            fail(f"class {c['name']!r}: 'threshold' must be a number between 0 and 1, got {threshold!r}")
     cascade = spec.get("cascade")
     if cascade is not None and not {"roi_task", "roi_class"} <= set(cascade):
         fail("'cascade' needs 'roi_task' and 'roi_class'")

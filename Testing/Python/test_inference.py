@@ -126,3 +126,34 @@ def test_bad_input_and_device(segmenter):
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
         resolve_device("cuda")
+
+
+def test_a_class_threshold_moves_its_border_and_bad_thresholds_are_refused(default_model, sample_case, sample_result):
+    """A class's ``threshold`` (postprocessing) decides where it wins over background: 0.5 weighs
+    nothing (the plain argmax), a lower one grows the liver, a higher one shrinks it."""
+    import copy
+    import dataclasses
+
+    from LiverSegmentationLogic.errors import ModelLoadError
+    from LiverSegmentationLogic.inference.segmenter import Segmenter
+    from LiverSegmentationLogic.models.tasks import TaskError, validate_task
+
+    def liver_with(threshold):
+        card = copy.deepcopy(default_model.card)
+        next(c for c in card["classes"] if c["name"] == "liver")["postprocessing"]["threshold"] = threshold
+        segmenter = Segmenter(dataclasses.replace(default_model, card=card), device="cpu")
+        return segmenter.segment(sample_case[0]).labels == 1
+
+    plain = sample_result.labels == 1
+    lower, higher = liver_with(0.2), liver_with(0.8)
+    assert plain.sum() < lower.sum() and higher.sum() < plain.sum()
+    assert (lower & plain).sum() >= 0.99 * plain.sum() and (higher & ~plain).sum() <= 0.01 * higher.sum()
+    assert np.array_equal(liver_with(0.5), plain)
+
+    for bad in (0, 1, 1.5, "0.3", True):
+        with pytest.raises(ModelLoadError, match="threshold"):
+            liver_with(bad)
+        spec = {"name": "t", "preprocessing": {}, "label_map": {"1": 1},
+                "classes": [{"name": "liver", "postprocessing": {"threshold": bad}}]}
+        with pytest.raises(TaskError, match="threshold"):
+            validate_task(spec)
