@@ -18,6 +18,9 @@ Four steps, so that the training can run on a machine that has neither the data 
     # a fold whose model and first stage are unchanged since the last evaluation is not segmented
     # again; --again after a change to the pipeline, scoring or quality control code)
     python scripts/cross_validate.py evaluate --work cv/mr
+    # (optional) two recipes' models averaged, e.g. the same task trained 40 and 60 epochs in two
+    # work folders of the same folds: each fold's models as one ensemble, and all the members
+    python scripts/cross_validate.py combine --works cv/lesion-40 cv/lesion-60 --work cv/lesion-both
     # here: the members trained on every case, as one ensemble, with the cross-validated record
     python scripts/cross_validate.py ship --work cv/mr --version 3.0.0 --models Resources/Models \
         --views liver-mr-t2
@@ -77,6 +80,10 @@ def main(argv=None):
                    help="segment every patient again, also those whose fold model (and first stage) are unchanged "
                         "since the last evaluation: after a change to the pipeline, the scoring or the quality "
                         "control, which the reuse cannot see")
+    s = sub.add_parser("combine", help="average the fold models and gather the members of several work folders")
+    s.add_argument("--works", type=Path, nargs="+", required=True,
+                   help="trained work folders of the same task, data and folds")
+    s.add_argument("--work", type=Path, required=True, help="the new work folder (evaluate and ship it)")
     s = sub.add_parser("ship", help="write the members' ensemble with the cross-validated record")
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--version", required=True)
@@ -84,7 +91,7 @@ def main(argv=None):
     s.add_argument("--views", nargs="*", default=[],
                    help="other tasks served by the same network (e.g. liver-mr-t2 for abdomen-mr-t2)")
     args = p.parse_args(argv)
-    {"prepare": prepare, "train": train, "evaluate": evaluate, "ship": ship}[args.step](args)
+    {"prepare": prepare, "train": train, "combine": combine, "evaluate": evaluate, "ship": ship}[args.step](args)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -228,6 +235,52 @@ def _first_stages(args, plan: dict, task) -> tuple[list, dict]:
              "first_stage_task": other["task"]})
 
 
+# ----------------------------------------------------------------------------- combine
+def combine(args):
+    """A recipe that averages others: each fold's models (one per work folder, all trained without
+    that fold's patients) as one ensemble, and every work folder's members as the members to ship."""
+    import shutil
+
+    from LiverSegmentationLogic.models.network import UNetEnsemble
+    from LiverSegmentationLogic.training.task_training import write_model
+
+    plans = [_plan(w) for w in args.works]
+    if len(args.works) < 2:
+        raise SystemExit("combine needs at least two work folders")
+    for w, plan in zip(args.works[1:], plans[1:]):
+        if (plan["task"], plan["data"], plan["folds"]) != (plans[0]["task"], plans[0]["data"], plans[0]["folds"]):
+            raise SystemExit(f"{w} holds another task, data or folds than {args.works[0]}: prepare both the same way")
+    task = load_task(plans[0]["task"])
+    sources = []
+    for w in args.works:
+        members = sorted(w.glob("member*/model_card.json"))
+        folds = [w / f"fold{f}" for f in range(len(plans[0]["folds"]))]
+        if not members or not all((f / "model_card.json").is_file() for f in folds):
+            raise SystemExit(f"{w}: train every fold and at least one member first")
+        epochs = {load_model(m.parent).card["training"]["epochs_run"] for m in members}
+        sources.append({"work": str(w), "members": len(members), "epochs": max(epochs)})
+    args.work.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.works[0] / "cases.npz", args.work / "cases.npz")
+    (args.work / "plan.json").write_text(json.dumps(dict(plans[0], combined_from=sources), indent=1) + "\n")
+    for f in range(len(plans[0]["folds"])):
+        models = [load_model(w / f"fold{f}") for w in args.works]
+        networks = [n for m in models for n in (m.network.members if isinstance(m.network, UNetEnsemble)
+                                                 else [m.network])]
+        training = dict(models[0].card["training"], epochs_run=[m.card["training"]["epochs_run"] for m in models],
+                        combined_from=[str(m.folder) for m in models])
+        roi = models[0].folder / "roi"
+        write_model(args.work / f"fold{f}", task, UNetEnsemble(networks), dict(models[0].card, training=training),
+                    roi if task.cascade and roi.is_dir() else None)
+    n = 0
+    for w in args.works:
+        for member in sorted(w.glob("member*/model_card.json")):
+            target = args.work / f"member{n}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(member.parent, target, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            n += 1
+    print(f"{args.work}: {len(plans[0]['folds'])} folds of {len(args.works)} models each, {n} members")
+
+
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(args):
     """Every patient through the full pipeline by the fold model that never saw it."""
@@ -333,13 +386,18 @@ def ship(args):
     models = [load_model(card.parent) for card in members]
     network = models[0].network if len(models) == 1 else UNetEnsemble([m.network for m in models])
     first = models[0].card["training"]
+    trainings = [m.card["training"] for m in models]
+    combined = plan.get("combined_from")  # a recipe that averages others' (combine): each has its own steps
+    recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"]) for i, c in enumerate(combined)] if combined
+               else [("WORK", len(models), first["epochs_run"])])
     sources = " ".join(plan.get("sources", plan["data"]))
     first_stage_task = results["summary"].get("first_stage_task")  # its own card has its commands
     training = {
         "data": sorted({DATA_NOTE.get(Path(d).name, Path(d).name) for d in plan["data"]}), "split": "patient-wise",
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
-        "ensemble": (f"mean probability of {len(models)} networks trained on every case (seeds "
-                     f"{', '.join(str(m.card['training']['seed']) for m in models)})") if len(models) > 1
+        "ensemble": (f"mean probability of {len(models)} networks trained on every case ("
+                     + ("; ".join(f"seed {t['seed']}, {t['epochs_run']} epochs" for t in trainings) if combined
+                        else "seeds " + ", ".join(str(t["seed"]) for t in trainings)) + ")") if len(models) > 1
                     else f"one network trained on every case (seed {first['seed']})",
         "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware",
                                                         "wall_time_s_last_run") if k in m.card["training"]}
@@ -348,10 +406,12 @@ def ship(args):
         "loss": first.get("loss", "Dice + cross-entropy (MONAI DiceCELoss)"),  # older member cards lack it
         **({"augmentation": first["augmentation"]} if "augmentation" in first else {}),
         "reproduce": [
-            f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
-            f"--folds {len(plan['folds'])} --seed {plan['seed']} --work WORK",
-            f"python scripts/cross_validate.py train --work WORK --members {len(models)} "
-            f"--epochs {first['epochs_run']}",
+            *(f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
+              f"--folds {len(plan['folds'])} --seed {plan['seed']} --work {work}" for work, _, _ in recipes),
+            *(f"python scripts/cross_validate.py train --work {work} --members {n} --epochs {epochs}"
+              for work, n, epochs in recipes),
+            *([f"python scripts/cross_validate.py combine --works {' '.join(w for w, _, _ in recipes)} --work WORK"]
+              if combined else []),
             "python scripts/cross_validate.py evaluate --work WORK"
             + (f" --first-stage {first_stage_task.upper().replace('-', '_')}_WORK" if first_stage_task else ""),
             f"python scripts/cross_validate.py ship --work WORK --version {args.version}"

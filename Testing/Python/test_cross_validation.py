@@ -106,6 +106,41 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     assert labels.shape == image.array.shape and set(np.unique(labels)) <= {0, 1}
 
 
+def test_two_recipes_are_combined_into_one_ensemble(cross_validated, tmp_path):
+    """combine: each fold's models averaged (none of them saw the fold's patients), every member
+    shipped, and the card says how to train each recipe and combine them; other folds are refused."""
+    _, work, _ = cross_validated
+    both = tmp_path / "both"
+    run("combine", "--works", work, work, "--work", both)  # the same recipe twice: the average is that recipe
+    plan = json.loads((work / "plan.json").read_text())
+    for f, held in enumerate(plan["folds"]):
+        fold = load_model(both / f"fold{f}")
+        assert fold.network.config["members"] == 2 and fold.card["training"]["epochs_run"] == [1, 1]
+        assert not set(fold.card["training"]["train_cases"]) & set(held)
+    run("evaluate", "--work", work)
+    run("evaluate", "--work", both)
+    alone, averaged = ({r["case"]: r["dice"] for r in json.loads((w / "cv_results.json").read_text())["cases"]}
+                       for w in (work, both))
+    assert averaged.keys() == alone.keys()
+    for case, dice in alone.items():
+        assert averaged[case] == pytest.approx(dice, abs=1e-6)
+
+    run("ship", "--work", both, "--version", "9.9.9", "--models", tmp_path / "models")
+    training = load_model(tmp_path / "models" / "abdomen-mr-t2").card["training"]
+    assert len(training["members"]) == 2 and "(seed 0, 1 epochs; seed 0, 1 epochs)" in training["ensemble"]
+    assert [line.split()[2] for line in training["reproduce"]] == [
+        "prepare", "prepare", "train", "train", "combine", "evaluate", "ship"]
+    assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1")
+    assert training["reproduce"][4].endswith("combine --works WORK_1 WORK_2 --work WORK")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "plan.json").write_text(json.dumps(dict(plan, folds=plan["folds"][::-1])))
+    refused = subprocess.run([sys.executable, str(SCRIPT), "combine", "--works", str(work), str(other), "--work",
+                              str(tmp_path / "refused")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "another task, data or folds" in refused.stderr
+
+
 def test_training_step_runs_without_simpleitk(cross_validated, tmp_path):
     # the GPU machine that trains has neither the data nor SimpleITK: the prepared cases suffice
     _, work, _ = cross_validated
