@@ -134,6 +134,9 @@ def _plan(work: Path) -> dict:
 # ----------------------------------------------------------------------------- train
 def train(args):
     plan = _plan(args.work)
+    if plan.get("combined_from"):  # its members are copies, numbered apart from their seeds
+        raise SystemExit(f"{args.work} was combined from {', '.join(c['work'] for c in plan['combined_from'])}: "
+                         "train those, then combine them again")
     if args.one:
         return _train_one(args, plan, args.one)
     folds, members = [f"fold{f}" for f in range(len(plan["folds"]))], [f"member{m}" for m in range(args.members)]
@@ -244,9 +247,9 @@ def combine(args):
     from LiverSegmentationLogic.models.network import UNetEnsemble
     from LiverSegmentationLogic.training.task_training import write_model
 
-    plans = [_plan(w) for w in args.works]
     if len(args.works) < 2:
         raise SystemExit("combine needs at least two work folders")
+    plans = [_plan(w) for w in args.works]
     for w, plan in zip(args.works[1:], plans[1:]):
         if (plan["task"], plan["data"], plan["folds"]) != (plans[0]["task"], plans[0]["data"], plans[0]["folds"]):
             raise SystemExit(f"{w} holds another task, data or folds than {args.works[0]}: prepare both the same way")

@@ -132,6 +132,9 @@ def test_two_recipes_are_combined_into_one_ensemble(cross_validated, tmp_path):
         "prepare", "prepare", "train", "train", "combine", "evaluate", "ship"]
     assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1")
     assert training["reproduce"][4].endswith("combine --works WORK_1 WORK_2 --work WORK")
+    retrain = subprocess.run([sys.executable, str(SCRIPT), "train", "--work", str(both), "--epochs", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert retrain.returncode != 0 and "was combined from" in retrain.stderr  # train the sources instead
 
     other = tmp_path / "other"
     other.mkdir()
