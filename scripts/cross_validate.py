@@ -254,14 +254,14 @@ def combine(args):
         if (plan["task"], plan["data"], plan["folds"]) != (plans[0]["task"], plans[0]["data"], plans[0]["folds"]):
             raise SystemExit(f"{w} holds another task, data or folds than {args.works[0]}: prepare both the same way")
     task = load_task(plans[0]["task"])
+    members = {w: sorted(w.glob("member*/model_card.json")) for w in args.works}
     sources = []
     for w in args.works:
-        members = sorted(w.glob("member*/model_card.json"))
         folds = [w / f"fold{f}" for f in range(len(plans[0]["folds"]))]
-        if not members or not all((f / "model_card.json").is_file() for f in folds):
+        if not members[w] or not all((f / "model_card.json").is_file() for f in folds):
             raise SystemExit(f"{w}: train every fold and at least one member first")
-        epochs = {load_model(m.parent).card["training"]["epochs_run"] for m in members}
-        sources.append({"work": str(w), "members": len(members), "epochs": max(epochs)})
+        epochs = max(json.loads(card.read_text())["training"]["epochs_run"] for card in members[w])
+        sources.append({"work": str(w), "members": len(members[w]), "epochs": epochs})
     args.work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.works[0] / "cases.npz", args.work / "cases.npz")
     (args.work / "plan.json").write_text(json.dumps(dict(plans[0], combined_from=sources), indent=1) + "\n")
@@ -274,14 +274,12 @@ def combine(args):
         roi = models[0].folder / "roi"
         write_model(args.work / f"fold{f}", task, UNetEnsemble(networks), dict(models[0].card, training=training),
                     roi if task.cascade and roi.is_dir() else None)
-    n = 0
-    for w in args.works:
-        for member in sorted(w.glob("member*/model_card.json")):
-            target = args.work / f"member{n}"
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(member.parent, target, ignore=shutil.ignore_patterns("checkpoint.pt"))
-            n += 1
-    print(f"{args.work}: {len(plans[0]['folds'])} folds of {len(args.works)} models each, {n} members")
+    gathered = [card.parent for w in args.works for card in members[w]]
+    for n, member in enumerate(gathered):
+        target = args.work / f"member{n}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(member, target, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    print(f"{args.work}: {len(plans[0]['folds'])} folds of {len(args.works)} models each, {len(gathered)} members")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -393,18 +391,20 @@ def ship(args):
     combined = plan.get("combined_from")  # a recipe that averages others' (combine): each has its own steps
     recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"]) for i, c in enumerate(combined)] if combined
                else [("WORK", len(models), first["epochs_run"])])
+    if len(models) == 1:
+        ensemble = f"one network trained on every case (seed {first['seed']})"
+    else:
+        each = ("; ".join(f"seed {t['seed']}, {t['epochs_run']} epochs" for t in trainings) if combined
+                else "seeds " + ", ".join(str(t["seed"]) for t in trainings))
+        ensemble = f"mean probability of {len(models)} networks trained on every case ({each})"
     sources = " ".join(plan.get("sources", plan["data"]))
     first_stage_task = results["summary"].get("first_stage_task")  # its own card has its commands
     training = {
         "data": sorted({DATA_NOTE.get(Path(d).name, Path(d).name) for d in plan["data"]}), "split": "patient-wise",
         "train_cases": sorted({c for m in models for c in m.card["training"]["train_cases"]}),
-        "ensemble": (f"mean probability of {len(models)} networks trained on every case ("
-                     + ("; ".join(f"seed {t['seed']}, {t['epochs_run']} epochs" for t in trainings) if combined
-                        else "seeds " + ", ".join(str(t["seed"]) for t in trainings)) + ")") if len(models) > 1
-                    else f"one network trained on every case (seed {first['seed']})",
-        "members": [{k: m.card["training"][k] for k in ("seed", "epochs_run", "final_loss", "hardware",
-                                                        "wall_time_s_last_run") if k in m.card["training"]}
-                    for m in models],
+        "ensemble": ensemble,
+        "members": [{k: t[k] for k in ("seed", "epochs_run", "final_loss", "hardware", "wall_time_s_last_run")
+                     if k in t} for t in trainings],
         "optimiser": first["optimiser"],
         "loss": first.get("loss", "Dice + cross-entropy (MONAI DiceCELoss)"),  # older member cards lack it
         **({"augmentation": first["augmentation"]} if "augmentation" in first else {}),
