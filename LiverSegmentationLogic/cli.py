@@ -322,6 +322,7 @@ def cmd_train(args) -> int:
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         activate=True if args.activate else None,
         device=args.device,
+        precision=args.precision,
     )
     return 0
 
@@ -573,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint file: written each epoch, resumed from if present")
     p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--device", default="auto", help="where to train: auto (CUDA if present), cpu, cuda")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the forward pass under bf16 autocast, about twice as fast on CPUs with bf16 in hardware")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on the queue; activate it only if it validates")

@@ -55,7 +55,7 @@ def new_network(task: Task) -> UNet2D:
 
 
 def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_budget_s=None, seed=0,
-                 device="auto") -> TrainConfig:
+                 device="auto", precision="fp32") -> TrainConfig:
     weights = task.training_option("class_weights")
     if weights == "balanced":
         weights = balanced_class_weights(cases, task.n_classes)
@@ -70,6 +70,7 @@ def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_bu
         seed=seed,
         class_weights=weights,
         device=device,
+        precision=precision,
         augmentation=Augmentation.from_options(task.training_option("augmentation")),
     )
 
@@ -110,6 +111,7 @@ def train_task(
     activate: Optional[bool] = None,
     device: str = "auto",
     log: Callable[[str], None] = print,
+    precision: str = "fp32",
 ) -> LoadedModel:
     """Train, validate and write a model for ``task``.
 
@@ -125,8 +127,11 @@ def train_task(
         activate: make the new registry version active; default: only if the task has no active
             model yet.
         device: where the network trains: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``.
+        precision: ``"fp32"``, or ``"bf16"`` (the forward pass under bf16 autocast; see
+            :class:`trainer.TrainConfig`).
     """
-    resolve_device(device)  # an unusable device fails now, not after the cases are read
+    resolve_device(device)  # an unusable device or precision fails now, not after the cases are read
+    TrainConfig(precision=precision)
     cases = find_all_cases(datasets, len(task.channels))
     reference = task.reference_values()
     t0 = time.perf_counter()
@@ -139,7 +144,7 @@ def train_task(
             fold_checkpoint = (checkpoint.with_name(f"{checkpoint.stem}-fold{f}{checkpoint.suffix}")
                                if checkpoint else None)
             model = _fit(task, train_cases, epochs, time_budget_s, seed, device, fold_checkpoint, log,
-                         Path(tempfile.mkdtemp()))
+                         Path(tempfile.mkdtemp()), precision=precision)
             segmenter = Segmenter(model, device="cpu")
             rows += [dict(score_case(segmenter, c, reference, check_volumes=has_real_spacing(c.case_id)), fold=f)
                      for c in held]
@@ -159,7 +164,7 @@ def train_task(
     log(f"training {task.name} {version} on {len(train_cases)} case(s)"
         + (f", validating on {', '.join(c.case_id for c in held)}" if held else ""))
     model = _fit(task, train_cases, epochs, time_budget_s, seed, device, checkpoint, log, Path(output), version,
-                 datasets)
+                 datasets, precision)
     if record is None:
         record = {"metric": "Dice on the input grid after the full pipeline (postprocessing included)",
                   "method": "patient-wise hold-out", "validation_cases": [c.case_id for c in held],
@@ -176,9 +181,9 @@ def train_task(
 
 
 def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, folder: Path, version="cv",
-         datasets=()) -> LoadedModel:
+         datasets=(), precision="fp32") -> LoadedModel:
     loaded = load_task_cases(task, cases)
-    train = train_config(task, loaded, epochs, time_budget_s, seed, device)
+    train = train_config(task, loaded, epochs, time_budget_s, seed, device, precision)
     torch.manual_seed(seed)
     network = new_network(task)
     t0 = time.perf_counter()
@@ -200,6 +205,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
             "seed": seed,
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "hardware": hardware_description(device),
+            "precision": train.describe_precision(),
         },
     )
     return write_model(folder, task, network, card)

@@ -199,6 +199,9 @@ def _blur(images: torch.Tensor, chosen: torch.Tensor, sigma: torch.Tensor) -> to
     return out
 
 
+TRAINING_PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 40
@@ -217,6 +220,13 @@ class TrainConfig:
     #: slices; a third of them centred on foreground (nnU-Net's sampling). None: whole slices
     patch_size: Optional[int] = None
     augmentation: Augmentation = field(default_factory=Augmentation)
+    #: "fp32", or "bf16": the network's forward pass under bf16 autocast (the loss, gradients and
+    #: weights stay fp32); pays on CPUs with bf16 in hardware and on recent GPUs
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(TRAINING_PRECISIONS)}")
 
     def describe_loss(self) -> str:
         """For the model card."""
@@ -228,6 +238,10 @@ class TrainConfig:
         """For the model card."""
         patches = f" of {self.patch_size} x {self.patch_size} patches" if self.patch_size else ""
         return f"AdamW lr {self.learning_rate}, cosine schedule, batch {self.batch_size}{patches}"
+
+    def describe_precision(self) -> str:
+        """For the model card."""
+        return "bf16 autocast (forward pass), fp32 weights and loss" if self.precision == "bf16" else "fp32"
 
 
 def sample_slices(cases: Sequence[TrainingCase], rng: np.random.Generator, background_fraction: float):
@@ -312,6 +326,9 @@ def train_network(
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, losses = state["epoch"], state["losses"]
+        if state.get("precision", "fp32") != train.precision:  # one model, one arithmetic, as its card says
+            raise ValueError(f"{checkpoint} was trained in {state.get('precision', 'fp32')}; "
+                             f"resume it in that precision, not {train.precision}")
         rng.bit_generator.state = state["numpy_rng"]
         generator.set_state(state["torch_rng"].cpu())
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
@@ -332,7 +349,9 @@ def train_network(
                 slices = [random_patch(i, label, train.patch_size, rng) for i, label in slices]
             x, y = _batch(*map(list, zip(*slices)))
             x, y = augment_batch(x.to(device), y.to(device), generator, augmentation=train.augmentation)
-            loss = loss_fn(network(x.contiguous(memory_format=memory_format)), y[:, None])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+                logits = network(x.contiguous(memory_format=memory_format))
+            loss = loss_fn(logits.float(), y[:, None])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -352,6 +371,7 @@ def train_network(
                     "losses": losses,
                     "numpy_rng": rng.bit_generator.state,
                     "torch_rng": generator.get_state(),
+                    "precision": train.precision,
                 },
                 checkpoint,
             )

@@ -37,7 +37,7 @@ def cross_validated(chaos_mr, tmp_path_factory):
     work = root / "work"
     run("prepare", "--task", "abdomen-mr-t2", "--data", data, "--folds", 3, "--work", work)
     out = run("train", "--work", work, "--members", 1, "--epochs", 1, "--time-budget", 2, "--device", "cpu",
-              "--jobs", 2)
+              "--jobs", 2, "--precision", "bf16")
     return root, work, out
 
 
@@ -99,7 +99,9 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     training = shipped.card["training"]
     assert training["data"] == ["CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)"]
     assert training["reproduce"][0].startswith("python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ")
-    assert "--members 1 --epochs 1" in training["reproduce"][1] and "--views liver-mr-t2" in training["reproduce"][-1]
+    assert training["reproduce"][1].endswith("--members 1 --epochs 1 --precision bf16")  # as the members were
+    assert "--views liver-mr-t2" in training["reproduce"][-1]
+    assert training["members"][0]["precision"].startswith("bf16 autocast")
     assert training["loss"] == load_model(work / "member0").card["training"]["loss"]  # as trained, weights included
     image = read_volume(root / "chaos-mr-t2" / "image_21.nii.gz")
     labels = Segmenter(view, device="cpu").segment(image).labels
@@ -130,7 +132,7 @@ def test_two_recipes_are_combined_into_one_ensemble(cross_validated, tmp_path):
     assert len(training["members"]) == 2 and "(seed 0, 1 epochs; seed 0, 1 epochs)" in training["ensemble"]
     assert [line.split()[2] for line in training["reproduce"]] == [
         "prepare", "prepare", "train", "train", "combine", "evaluate", "ship"]
-    assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1")
+    assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1 --precision bf16")
     assert training["reproduce"][4].endswith("combine --works WORK_1 WORK_2 --work WORK")
     retrain = subprocess.run([sys.executable, str(SCRIPT), "train", "--work", str(both), "--epochs", "1"],
                              capture_output=True, text=True, timeout=300)

@@ -99,6 +99,28 @@ def test_tiny_training_reduces_loss_and_writes_a_loadable_model_with_a_card(home
     assert again.card["training"]["losses"] == losses
 
 
+def test_bf16_training_follows_fp32_keeps_fp32_weights_and_resumes_only_in_bf16(home, tmp_path, chaos_mr):
+    import torch
+
+    data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21])
+    task = load_task(small_task_file(home))
+    with pytest.raises(ValueError, match="precision 'fp16'"):  # before any case is read
+        train_task(task, [data], epochs=1, precision="fp16", log=lambda m: None)
+    runs = {precision: train_task(task, [data], output=tmp_path / precision, epochs=3, validation=["21"],
+                                  checkpoint=tmp_path / f"{precision}.pt", precision=precision, log=lambda m: None)
+            for precision in ("fp32", "bf16")}
+    fp32, bf16 = (runs[p].card["training"]["losses"] for p in ("fp32", "bf16"))
+    # the same seed and batches: bf16 rounds differently (so it ran) but learns the same way
+    assert bf16 != fp32 and bf16[-1] < bf16[0]
+    np.testing.assert_allclose(bf16, fp32, rtol=0.01)
+    assert runs["bf16"].card["training"]["precision"].startswith("bf16 autocast")
+    assert runs["fp32"].card["training"]["precision"] == "fp32"
+    assert all(p.dtype == torch.float32 for p in runs["bf16"].network.parameters())
+    with pytest.raises(ValueError, match="trained in bf16; resume it in that precision, not fp32"):
+        train_task(task, [data], output=tmp_path / "mixed", epochs=4, validation=["21"],
+                   checkpoint=tmp_path / "bf16.pt", log=lambda m: None)
+
+
 def test_random_patches_cover_the_slice_and_favour_the_foreground():
     from LiverSegmentationLogic.training.trainer import random_patch
 
