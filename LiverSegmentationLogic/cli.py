@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activate", action="store_true", help="make the new version active")
     p.add_argument("--device", default="auto", help="where to train: auto (CUDA if present), cpu, cuda")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the forward pass under bf16 autocast, about twice as fast on CPUs with bf16 in hardware")
+                   help="bf16: the forward pass under bf16 autocast, faster on CPUs with bf16 in hardware "
+                        "(see benchmarks/bench_training.py); a checkpoint resumes only in its own precision")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on the queue; activate it only if it validates")

@@ -69,8 +69,8 @@ def main(argv=None):
     s.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per model")
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the forward pass under bf16 autocast, about twice as fast on CPUs with bf16 in "
-                        "hardware (a model resumes only in the precision it started in)")
+                   help="bf16: the forward pass under bf16 autocast, faster on CPUs with bf16 in hardware "
+                        "(see benchmarks/bench_training.py); a model resumes only in the precision it started in")
     s.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process")
     s.add_argument("--one", help=argparse.SUPPRESS)  # internal: train this one model ('fold3', 'member1')
     s = sub.add_parser("evaluate", help="segment every patient with the fold model that never saw it")

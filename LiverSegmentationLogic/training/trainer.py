@@ -322,13 +322,13 @@ def train_network(
     start_epoch, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)  # our own file
+        if state.get("precision", "fp32") != train.precision:  # one model, one arithmetic, as its card says
+            raise ValueError(f"{checkpoint} was trained in {state.get('precision', 'fp32')}; "
+                             f"resume it in that precision, not {train.precision}")
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, losses = state["epoch"], state["losses"]
-        if state.get("precision", "fp32") != train.precision:  # one model, one arithmetic, as its card says
-            raise ValueError(f"{checkpoint} was trained in {state.get('precision', 'fp32')}; "
-                             f"resume it in that precision, not {train.precision}")
         rng.bit_generator.state = state["numpy_rng"]
         generator.set_state(state["torch_rng"].cpu())
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
