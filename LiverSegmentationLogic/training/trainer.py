@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from ..io.volumes import channel_array, crop_volume, read_volume
-from ..inference.segmenter import resolve_device
+from ..inference.segmenter import native_bf16, resolve_device
 from ..models.model_files import LoadedModel
 from ..models.network import UNet2D
 from ..inference.preprocessing import (
@@ -389,7 +389,17 @@ def hardware_description(device: Union[str, torch.device] = "auto") -> str:
     device = resolve_device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    bf16 = ", bf16 in hardware" if native_bf16() else ""  # what makes a bf16 training fast, or slow
+    return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads{bf16}"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what Python knows (often just "x86_64")."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def balanced_class_weights(cases: Sequence[TrainingCase], n_classes: int, cap: float = 50.0) -> list[float]:
