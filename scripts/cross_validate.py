@@ -46,7 +46,12 @@ from LiverSegmentationLogic import __version__
 from LiverSegmentationLogic.io.datasets import find_all_cases, k_folds
 from LiverSegmentationLogic.models.model_files import LoadedModel, load_model
 from LiverSegmentationLogic.models.tasks import load_task
-from LiverSegmentationLogic.training.trainer import hardware_description, read_prepared_cases, write_prepared_cases
+from LiverSegmentationLogic.training.trainer import (
+    TRAINING_PRECISIONS,
+    hardware_description,
+    read_prepared_cases,
+    write_prepared_cases,
+)
 
 ALL = "all"  # the members trained on every case
 
@@ -68,7 +73,7 @@ def main(argv=None):
     s.add_argument("--epochs", type=int, default=250)
     s.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per model")
     s.add_argument("--device", default="auto")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    s.add_argument("--precision", choices=TRAINING_PRECISIONS, default="fp32",
                    help="bf16: the forward pass under bf16 autocast, faster on CPUs with bf16 in hardware "
                         "(see benchmarks/bench_training.py); a model resumes only in the precision it started in")
     s.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process")
