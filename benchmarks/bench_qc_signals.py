@@ -8,7 +8,8 @@ control checks), that count per voxel of the structure's surface (the share grow
 organs; uncertain voxels lie along the surface), for an ensemble the Dice between its members'
 own segmentations (members that disagree would point at an error), and the Dice between the
 segmentation and those of the same image under a gamma of 0.7 and of 1.4 (the lower: an answer
-that moves when the contrast does would point at an error; two more passes of the network).
+that moves when the contrast does would point at an error; two more passes of the network; the
+quality control's contrast check, ``inference/contrast_check.py``).
 Cross-validation folds are models too: ``--model cv/mr/fold0 cv/mr/fold1 ...`` scores each fold
 model on the patients it never saw. The summary gives each
 signal's range over the structures with 0.5 <= Dice < 0.85 (wrong but whole: what the quality
@@ -34,17 +35,6 @@ from LiverSegmentationLogic.readouts.metrics import dice
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PATIENTS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32]
 LOST, BAD, GOOD = 0.5, 0.85, 0.90
-GAMMAS = (0.7, 1.4)
-
-
-def with_gamma(image, gamma: float):
-    """The image with its contrast bent: intensities scaled to 0-1 between the 0.5th and 99.5th
-    percentiles, raised to ``gamma``, scaled back (what the model's own normalisation then sees)."""
-    a = image.array.astype(np.float32)
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    bent = copy.copy(image)
-    bent.array = np.clip((a - lo) / (hi - lo), 0, None) ** gamma * (hi - lo) + lo
-    return bent
 
 
 def surface_voxels(mask: np.ndarray) -> int:
@@ -61,12 +51,12 @@ def main():
           "Dice with itself under gamma")
     for ref in args.model:
         model = load_model(ref)
-        segmenter = Segmenter(model, device="cpu")
+        segmenter = Segmenter(model, device="cpu", contrast_check=True)
         members = []
         for member in getattr(model.network, "members", []):
             alone = copy.copy(model)
             alone.network = member
-            members.append(Segmenter(alone, device="cpu"))
+            members.append(Segmenter(alone, device="cpu", contrast_check=False))
         reference_values = load_task(model.card["task"]).reference_values()
         trained = {c.split("/")[-1] for c in model.card["training"]["train_cases"]}
         for patient in [p for p in PATIENTS if str(p) not in trained]:
@@ -78,7 +68,6 @@ def main():
             truth = np.rint(read_volume(args.data / "chaos-mr-t2" / f"label_{patient}.nii.gz", validate=False).array)
             result = segmenter.segment(image)
             member_labels = [m.segment(image).labels for m in members]
-            bent_labels = [segmenter.segment(with_gamma(image, g)).labels for g in GAMMAS]
             for c in result.classes:
                 mask = result.labels == c["label"]
                 uncertain = int(result.uncertain_by_label[c["label"]])
@@ -88,7 +77,7 @@ def main():
                        "per_surface": uncertain / max(surface_voxels(mask), 1),
                        "members": dice(member_labels[0] == c["label"], member_labels[1] == c["label"])
                        if len(member_labels) == 2 else None,
-                       "gamma": min(dice(mask, bent == c["label"]) for bent in bent_labels)}
+                       "gamma": result.contrast_agreement.get(c["label"], 1.0)}
                 rows.append(row)
                 agree = f"{row['members']:.3f}" if row["members"] is not None else "-"
                 print(f"{row['model']} | {patient} | {row['name']} | {row['dice']:.3f} | {row['share']:.3f} | "

@@ -84,6 +84,9 @@ def main(argv=None):
     s.add_argument("--first-stage", type=Path,
                    help="a cascade's: the work folder of its first stage's cross-validation over the same folds, "
                         "so that neither stage saw the patient it segments (default: the registry's model)")
+    s.add_argument("--contrast-check", choices=["task", "on", "off"], default="task",
+                   help="the quality control's contrast check (two more passes a case): as the task says, or "
+                        "on/off to measure it on a task that leaves it off/on")
     s.add_argument("--again", action="store_true",
                    help="segment every patient again, also those whose fold model (and first stage) are unchanged "
                         "since the last evaluation: after a change to the pipeline, the scoring or the quality "
@@ -294,10 +297,12 @@ def combine(args):
 def evaluate(args):
     """Every patient through the full pipeline by the fold model that never saw it."""
     from LiverSegmentationLogic.inference.scoring import has_real_spacing, score_case, summarise
+    from LiverSegmentationLogic.inference.contrast_check import contrast_check_enabled
     from LiverSegmentationLogic.inference.segmenter import Segmenter
 
     plan = _plan(args.work)
     task = load_task(plan["task"])
+    contrast_check = {"on": True, "off": False}.get(args.contrast_check, contrast_check_enabled(task.card()))
     reference_values = task.reference_values()
     files = {c.case_id: c for c in find_all_cases(plan["data"], len(task.channels))}
     # an interim estimate while folds are still training (they take hours each on a CPU): the
@@ -316,14 +321,14 @@ def evaluate(args):
         held = plan["folds"][f]
         model = _fold_model(args.work / f"fold{f}", task, first_stages[f])
         epochs[f] = model.card["training"]["epochs_run"]
-        key = _model_key(model.folder)
+        key = _model_key(model.folder) + ("+contrast-check" if contrast_check else "")
         reused = [r for r in previous if r.get("fold") == f and r.get("model_key") == key]
         if sorted(r["case"] for r in reused) == sorted(held):
             rows += reused
             print(f"fold {f}: model unchanged since the last evaluation, its patients' rows reused "
                   "(--again after a change to the code)", flush=True)
             continue
-        segmenter = Segmenter(model, device=args.device)
+        segmenter = Segmenter(model, device=args.device, contrast_check=contrast_check)
         for case_id in held:
             row = score_case(segmenter, files[case_id], reference_values, check_volumes=has_real_spacing(case_id))
             rows.append(dict(row, fold=f, model_key=key))

@@ -44,7 +44,7 @@ def segment_case(
     t0 = time.perf_counter()
     kinds = segmenter.model.card.get("readouts", ["volume", "fat_fraction"])
     readout = segmentation_readouts(result.labels, result.geometry, result.classes, ff_map, margin_mm, ff_unit,
-                                    kinds, result.uncertain_by_label)
+                                    kinds, result.uncertain_by_label, result.contrast_agreement)
     readout["model"] = result.model
     if result.slice_uncertainty is not None:
         flagged = slices_to_check(result.slice_uncertainty)

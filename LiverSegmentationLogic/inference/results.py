@@ -30,3 +30,6 @@ class SegmentationResult:
     #: per written label value (index 0-255), how many of the voxels the network gave that label
     #: were uncertain (before postprocessing): the share of a structure the model hesitated on
     uncertain_by_label: Optional[np.ndarray] = None
+    #: per written label value, the segmentation's lowest Dice with itself on the image with its
+    #: contrast bent (see inference.contrast_check); None when the check was not run
+    contrast_agreement: Optional[dict] = None

@@ -50,7 +50,7 @@ def score_case(segmenter: Segmenter, case: CaseFiles, reference_values: dict[str
     row = {"case": case.case_id, "dice": {}, "volume_ml": {}, "reference_ml": {}}
     if quality:
         row["quality"] = quality_check(result.labels, result.geometry, result.classes, result.uncertain_by_label,
-                                       check_volumes=check_volumes)
+                                       check_volumes=check_volumes, contrast_agreement=result.contrast_agreement)
     voxel_ml = result.geometry.voxel_volume_ml
     for c in result.classes:
         predicted, truth = result.labels == c["label"], np.isin(reference, list(reference_values[c["name"]]))

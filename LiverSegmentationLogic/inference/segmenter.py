@@ -15,6 +15,7 @@ from ..io.volumes import Volume, channel_array, crop_volume, validate_volume
 from ..models.model_files import LoadedModel
 from ..models.network import inference_network
 from ..models.tasks import valid_threshold
+from .contrast_check import CONTRAST_GAMMAS, contrast_agreement, contrast_check_enabled, with_gamma
 from .postprocessing import postprocess_labels
 from .preprocessing import grow_region, neighbour_stack, prepare_volume
 from .results import UNCERTAIN_BELOW, ProgressCallback, SegmentationResult
@@ -79,16 +80,19 @@ class Segmenter:
             and GPUs); ``None`` picks it on CUDA and on CPU.
         precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` (see :func:`resolve_precision`); the
             network runs under ``torch.autocast`` in bf16, probabilities and labels stay fp32.
+        contrast_check: also segment the image with its contrast bent, for the quality control
+            (:mod:`contrast_check`; two more passes); ``None`` follows the model's card.
     """
 
     def __init__(self, model: LoadedModel, device="auto", batch_size: int = 8, channels_last: Optional[bool] = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", contrast_check: Optional[bool] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device, model.card)
         self.batch_size = batch_size
+        self.contrast_check = contrast_check_enabled(model.card) if contrast_check is None else bool(contrast_check)
         self.channels_last = True if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.network = inference_network(model.network).to(self.device, memory_format=memory_format)
@@ -113,7 +117,7 @@ class Segmenter:
             from ..models.model_files import load_model
 
             roi_model = load_model(model.folder / cascade.get("roi_model", "roi"), device=self.device)
-            self.roi = Segmenter(roi_model, self.device, batch_size, channels_last, precision)
+            self.roi = Segmenter(roi_model, self.device, batch_size, channels_last, precision, contrast_check=False)
             roi_labels = [c["label"] for c in roi_model.classes if c["name"] == cascade["roi_class"]]
             if not roi_labels:
                 raise ModelLoadError(f"{model.name_version}: its first stage has no class {cascade['roi_class']!r}")
@@ -145,9 +149,17 @@ class Segmenter:
             validate_volume(v, name=f"input image {i + 1}" if n > 1 else "image")
             if i and (v.array.shape != volumes[0].array.shape or not v.geometry.allclose(volumes[0].geometry)):
                 raise InvalidImageError(f"Input image {i + 1} is not on the grid of input image 1")
-        if self.roi is None:
-            return self._segment_stage(volumes, progress, _cancel_check(cancel))
-        return self._segment_cascade(volumes, progress, _cancel_check(cancel))
+        run = self._segment_stage if self.roi is None else self._segment_cascade
+        is_cancelled = _cancel_check(cancel)
+        result = run(volumes, progress, is_cancelled)
+        if self.contrast_check:
+            t0 = time.perf_counter()
+            bent = [run([with_gamma(v, gamma) for v in volumes],
+                        _staged(progress, f"(contrast check {i} of {len(CONTRAST_GAMMAS)})"), is_cancelled).labels
+                    for i, gamma in enumerate(CONTRAST_GAMMAS, start=1)]
+            result.contrast_agreement = contrast_agreement(result.labels, bent, [c["label"] for c in result.classes])
+            result.timings["contrast check"] = time.perf_counter() - t0
+        return result
 
     def _segment_cascade(self, volumes: list[Volume], progress, is_cancelled) -> SegmentationResult:
         """First stage: the ROI model (e.g. liver); second: this model inside the ROI (e.g. lesions)."""

@@ -17,6 +17,7 @@ users, see :func:`io.locations.home_dir`) holds::
       "label_map": {"1": 1, "4": 2},             # dataset label value -> network class
       "readouts": ["volume", "fat_fraction"],    # also "lesions"
       "network": {"width": 16, "depth": 4, "dropout": 0.1},
+      "quality": {"contrast_check": true},       # also segment the image with its contrast bent (QC)
       "training": {"epochs": 60, "class_weights": "balanced", "validation_cases": ["2", "21"]},
       "cascade": {"roi_task": "liver-ct", "roi_class": "liver", "roi_labels": [1, 2], "margin_mm": 10}
     }
@@ -127,6 +128,7 @@ class Task:
             "preprocessing": self.preprocess_config().to_dict(),
             "readouts": list(self.spec.get("readouts", ["volume"])),
             **({"cascade": dict(self.cascade)} if self.cascade else {}),
+            **({"quality": dict(self.spec["quality"])} if self.spec.get("quality") else {}),
         }
 
     def reference_values(self) -> dict[str, list[int]]:
@@ -182,6 +184,10 @@ def validate_task(spec: dict, where: str = "task") -> None:
         threshold = (c.get("postprocessing") or {}).get("threshold")
         if threshold is not None and not valid_threshold(threshold):
             fail(f"class {c['name']!r}: 'threshold' must be a number between 0 and 1, got {threshold!r}")
+    quality = spec.get("quality", {})
+    if not isinstance(quality, dict) or not set(quality) <= {"contrast_check"} or not all(
+            isinstance(v, bool) for v in quality.values()):
+        fail("'quality' must be an object like {\"contrast_check\": true}")
     cascade = spec.get("cascade")
     if cascade is not None and not {"roi_task", "roi_class"} <= set(cascade):
         fail("'cascade' needs 'roi_task' and 'roi_class'")

@@ -223,6 +223,7 @@ def segmentation_readouts(
     ff_unit: str = "auto",
     readouts: Sequence[str] = ("volume", "fat_fraction", "lesions"),
     uncertain_by_label: Optional[np.ndarray] = None,
+    contrast_agreement: Optional[dict] = None,
 ) -> dict:
     """The readouts of a labelmap: ``volumes_ml`` per class name, ``fat_fraction`` (measured in
     the class named "liver"; None without a map or without a liver class), ``lesions`` (for a
@@ -232,6 +233,7 @@ def segmentation_readouts(
     Args:
         readouts: which apply (a model card's ``readouts``); volumes and quality are always given.
         uncertain_by_label: the segmenter's uncertain voxel counts per label (for the QC).
+        contrast_agreement: the segmenter's contrast check per label (for the QC).
     """
     by_name = {c["name"]: int(c["label"]) for c in classes}
     readout = {
@@ -244,7 +246,8 @@ def segmentation_readouts(
                                                        margin_mm=margin_mm, unit=ff_unit)
     if "lesion" in by_name and "lesions" in readouts:
         readout["lesions"] = lesion_readout(labels, geometry, by_name["lesion"], by_name.get("liver"))
-    readout["quality"] = quality_check(labels, geometry, classes, uncertain_by_label)
+    readout["quality"] = quality_check(labels, geometry, classes, uncertain_by_label,
+                                       contrast_agreement=contrast_agreement)
     return readout
 
 

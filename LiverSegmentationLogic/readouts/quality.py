@@ -11,7 +11,10 @@ Per structure, from the labels alone (and the model's uncertainty where the segm
 - **certainty**: at most :data:`MAX_UNCERTAIN_SHARE` of its voxels were uncertain to the network
   (winning probability below ``inference.results.UNCERTAIN_BELOW``). Lesions get this check only:
   any number and size of them is plausible, but on the cross-validated CT cascade an unsure
-  outline went with a poor one (``scripts/cross_validate.py evaluate``).
+  outline went with a poor one (``scripts/cross_validate.py evaluate``);
+- **contrast**, where the segmenter ran the contrast check (``inference.contrast_check``): the
+  structure holds, Dice at least :data:`MIN_CONTRAST_AGREEMENT` with itself, when the image's
+  contrast is bent. It catches confident errors the checks above let through.
 
 Each failed check adds a reason; a case with any reason "needs review". The thresholds were set
 on the patients in ../shared/data and their effect is measured by ``benchmarks/bench_quality.py``.
@@ -42,16 +45,19 @@ MAX_UNCERTAIN_SHARE = 0.2
 #: MIN_LEFT_MM apart along the patient's right-left axis (107-210 mm in the CHAOS MR patients)
 LEFT_OF = (("spleen", "liver"), ("left kidney", "right kidney"))
 MIN_LEFT_MM = 50.0
+#: on the MR cross-validation the two confidently wrong spleens that passed every other check
+#: scored 0.899 and 0.945, well-segmented structures 0.948-0.989 (benchmarks/bench_qc_signals.py)
+MIN_CONTRAST_AGREEMENT = 0.95
 OK, NEEDS_REVIEW = "ok", "needs review"
 
 
 def structure_measures(labels: np.ndarray, geometry: Geometry, label: int,
-                       uncertain_voxels: Optional[int] = None) -> dict:
-    """Volume, pieces, centroid (LPS mm) and uncertain share of one label."""
+                       uncertain_voxels: Optional[int] = None, contrast_agreement: Optional[float] = None) -> dict:
+    """Volume, pieces, centroid (LPS mm), uncertain share and contrast agreement of one label."""
     mask = labels == label
     count = int(np.count_nonzero(mask))
     out = {"volume_ml": count * geometry.voxel_volume_ml, "components": 0, "largest_component_share": None,
-           "uncertain_share": None, "centroid_lps": None}
+           "uncertain_share": None, "centroid_lps": None, "contrast_agreement": contrast_agreement}
     if count == 0:
         return out
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
@@ -67,19 +73,24 @@ def structure_measures(labels: np.ndarray, geometry: Geometry, label: int,
 
 
 def quality_check(labels: np.ndarray, geometry: Geometry, classes: Sequence[dict],
-                  uncertain_by_label: Optional[np.ndarray] = None, check_volumes: bool = True) -> dict:
+                  uncertain_by_label: Optional[np.ndarray] = None, check_volumes: bool = True,
+                  contrast_agreement: Optional[dict] = None) -> dict:
     """``{"status": "ok" | "needs review", "reasons": [...], "structures": {name: measures}}``.
 
     Args:
         uncertain_by_label: uncertain voxel count per label value (the segmenter's); without it
             (e.g. after manual edits) the certainty check is skipped.
+        contrast_agreement: label value -> the segmentation's Dice with itself on the image with
+            its contrast bent (the segmenter's, when it ran the contrast check); without it the
+            contrast check is skipped.
         check_volumes: False for images without a real voxel size (the volume ranges mean nothing).
     """
     structures, reasons = {}, []
     for c in classes:
         name, label = c["name"], int(c["label"])
         uncertain = int(uncertain_by_label[label]) if uncertain_by_label is not None else None
-        m = structures[name] = structure_measures(labels, geometry, label, uncertain)
+        agreement = (contrast_agreement or {}).get(label)
+        m = structures[name] = structure_measures(labels, geometry, label, uncertain, agreement)
         if name == "lesion":  # any number and size of lesions is plausible, an unsure outline is not
             _check_certainty(m, name, reasons)
             continue
@@ -93,6 +104,9 @@ def quality_check(labels: np.ndarray, geometry: Geometry, classes: Sequence[dict
             reasons.append(f"{name} is in {m['components']} pieces (the largest holds "
                            f"{100 * m['largest_component_share']:.0f} %)")
         _check_certainty(m, name, reasons)
+        if agreement is not None and agreement < MIN_CONTRAST_AGREEMENT:
+            reasons.append(f"the {name} changed when the image's contrast was bent (Dice {agreement:.3f} with "
+                           f"itself, expected at least {MIN_CONTRAST_AGREEMENT})")
     liver = structures.get("liver")
     for name, share in MAX_SHARE_OF_LIVER.items():
         m = structures.get(name)

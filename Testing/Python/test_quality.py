@@ -129,3 +129,58 @@ def test_lesions_are_checked_for_certainty_only():
     uncertain[2] = 200
     result = quality_check(labels, GRID, classes, uncertain)
     assert result["status"] == NEEDS_REVIEW and result["reasons"] == ["the model was unsure of 50 % of the lesion"]
+
+
+def test_a_structure_that_moves_when_the_contrast_is_bent_needs_review():
+    labels = abdomen()
+    held = quality_check(labels, GRID, CLASSES, contrast_agreement={1: 0.99, 2: 0.97, 3: 0.98, 4: 0.96})
+    assert held["status"] == OK and held["structures"]["spleen"]["contrast_agreement"] == 0.96
+    moved = quality_check(labels, GRID, CLASSES, contrast_agreement={1: 0.99, 2: 0.97, 3: 0.98, 4: 0.899})
+    assert moved["reasons"] == ["the spleen changed when the image's contrast was bent (Dice 0.899 with itself, "
+                                "expected at least 0.95)"]
+    assert quality_check(labels, GRID, CLASSES)["structures"]["spleen"]["contrast_agreement"] is None  # not run
+
+
+def test_the_contrast_check_holds_on_a_clean_scan_and_flags_a_shaded_one(sample_case):
+    """The sample as it is: every structure holds under the bent contrasts. The same scan under a
+    strong shading (0.5x on the patient's right to 3x on the left, as a surface coil can give): the
+    structures it spoils (Dice < 0.85) move, and the readout says so."""
+    from LiverSegmentationLogic.inference.pipeline import segment_case
+    from LiverSegmentationLogic.inference.segmenter import Segmenter
+    from LiverSegmentationLogic.io.volumes import Volume
+    from LiverSegmentationLogic.models.model_files import load_model
+    from LiverSegmentationLogic.models.tasks import load_task
+    from LiverSegmentationLogic.readouts.metrics import dice
+
+    model = load_model("abdomen-mr-t2")
+    assert Segmenter(model, device="cpu").contrast_check  # its task asks for it
+    assert not Segmenter(model, device="cpu", contrast_check=False).contrast_check
+    segmenter = Segmenter(model, device="cpu")
+    image, truth = sample_case
+    reference = load_task("abdomen-mr-t2").reference_values()
+    result, readout = segment_case(segmenter, image)
+    assert set(result.contrast_agreement) == {1, 2, 3, 4} and min(result.contrast_agreement.values()) >= 0.95
+    assert readout["quality"]["status"] == OK and "contrast check" in readout["timings"]
+
+    shading = np.linspace(0.5, 3.0, image.array.shape[2], dtype=np.float32)[None, None, :]
+    result, readout = segment_case(segmenter, Volume(image.array * shading, image.geometry))
+    spoiled = [c["name"] for c in result.classes
+               if dice(result.labels == c["label"], np.isin(truth, reference[c["name"]])) < 0.85]
+    assert spoiled, "the shading no longer spoils any structure: pick a harder perturbation"
+    for name in spoiled:
+        assert any(r.startswith(f"the {name} changed when the image's contrast was bent")
+                   for r in readout["quality"]["reasons"]), readout["quality"]["reasons"]
+
+
+def test_with_gamma_bends_the_mid_tones_and_keeps_the_range(sample_case):
+    from LiverSegmentationLogic.inference.contrast_check import with_gamma
+
+    image, _ = sample_case
+    lo, mid, hi = np.percentile(image.array, [0.5, 50, 99.5])
+    for gamma in (0.7, 1.4):
+        bent = with_gamma(image, gamma)
+        assert bent.geometry == image.geometry and bent.array.shape == image.array.shape
+        b_lo, b_mid, b_hi = np.percentile(bent.array, [0.5, 50, 99.5])
+        assert b_lo == pytest.approx(lo, abs=1e-3 * hi) and b_hi == pytest.approx(hi, rel=1e-3)
+        assert (b_mid > mid) == (gamma < 1)  # gamma < 1 brightens the mid-tones
+    assert np.allclose(with_gamma(image, 1.0).array, np.maximum(image.array, lo), rtol=1e-5, atol=1e-3)

@@ -73,9 +73,16 @@ def test_bundled_tasks_and_a_user_task_file(home):
         assert name in names
     small_task_file(home)
     assert "tiny-abdomen" in [t.name for t in list_tasks()]
+    assert load_task("abdomen-mr-t2").card()["quality"] == {"contrast_check": True}  # the QC's contrast check
+    assert "quality" not in load_task("liver-ct").card()
+    spec = dict(load_task("liver-ct").spec, name="broken")
     (home / "tasks" / "broken.json").write_text(json.dumps({"name": "broken", "classes": []}))
     with pytest.raises(TaskError, match="broken.json: missing field"):
         list_tasks()
+    for quality in ({"contrast_check": "yes"}, {"contrast": True}, ["contrast_check"]):
+        (home / "tasks" / "broken.json").write_text(json.dumps(dict(spec, quality=quality)))
+        with pytest.raises(TaskError, match="broken.json: 'quality' must be"):
+            list_tasks()
 
 
 def test_tiny_training_reduces_loss_and_writes_a_loadable_model_with_a_card(home, tmp_path, chaos_mr, capsys):
