@@ -444,10 +444,23 @@ def ship(args):
             f"{len(plan['folds'])}-fold patient-wise cross-validation of the same recipe: each patient segmented "
             "by the fold model that never saw it; the shipped members are trained on every patient"
             + (f"; {results['summary']['first_stage']}" if "first_stage" in results["summary"] else ""))
-        card = {**models[0].card, **task.card(), "version": args.version, "created": _now(),
-                "tool_version": __version__, "training": training, "validation": validation}
+        validation["regression_cases"] = regression_cases(task, [r["case"] for r in results["cases"]])
+        trained = {k: v for k, v in models[0].card.items() if k != "quality"}  # a view's task decides its own
+        card = {**trained, **task.card(), "version": args.version, "created": _now(),
+                "tool_version": __version__, "training": dict(training, label_map=task.spec["label_map"]),
+                "validation": validation}
         write_model(args.models / name, task, network, card)
         print(f"wrote {args.models / name}")
+
+
+def regression_cases(task, cases: list[str]) -> list[str]:
+    """The cases fine-tuning checks a new version on for a regression (the base model's data
+    replayed); the rest of that data is the pool it replays from. Every patient was a validation
+    case of the cross-validation, so the task's named validation patients stand for them."""
+    from LiverSegmentationLogic.io.datasets import CaseFiles, select_cases
+
+    named = [str(v) for v in task.training_option("validation_cases", [])]
+    return [c.case_id for c in select_cases([CaseFiles(c, (), Path()) for c in cases], named)]
 
 
 def _now() -> str:

@@ -24,7 +24,8 @@ CONTRAST_GAMMAS = (0.7, 1.4)
 
 def contrast_check_enabled(card: dict) -> bool:
     """Whether a model's card (from its task) asks for the contrast check."""
-    return bool((card.get("quality") or {}).get("contrast_check", False))
+    quality = card.get("quality")
+    return isinstance(quality, dict) and quality.get("contrast_check") is True
 
 
 def with_gamma(volume: Volume, gamma: float) -> Volume:

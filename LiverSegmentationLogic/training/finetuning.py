@@ -286,7 +286,10 @@ def finetune(
         label_map = {int(k): int(v) for k, v in card.get("training", {}).get("label_map", {}).items()}
         if not label_map:
             raise FinetuneError(f"{model.name_version}'s card has no training label map; cannot replay its data")
-        held = card.get("validation", {}).get("validation_cases", [])
+        validation = card.get("validation", {})
+        # a cross-validated card lists every patient as a validation case: its regression cases
+        # are the few the gate checks, so the rest can be replayed
+        held = validation.get("regression_cases") or validation.get("validation_cases", [])
         available = find_cases(replay, model.preprocess.channels)
         validation_cases = select_cases(available, held)
         pool = [c for c in available if c not in validation_cases]

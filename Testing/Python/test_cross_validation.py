@@ -86,6 +86,9 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     assert liver["volume_error_percent"] == [round(e, 2) for e in errors]
     assert liver["bland_altman_percent"]["bias"] == pytest.approx(np.mean(errors), abs=0.01)
     assert liver["mean_dice"] == pytest.approx(np.mean([r["dice"]["liver"] for r in results["cases"]]))
+    # the task asks for the contrast check: every structure found carries its agreement
+    found = [(r, n) for r in results["cases"] for n, m in r["quality"]["structures"].items() if m["components"]]
+    assert found and all(0 <= r["quality"]["structures"][n]["contrast_agreement"] <= 1 for r, n in found)
     quality = results["summary"]["quality"]
     assert quality["structures_below_0.85"] == sum(d < 0.85 for r in results["cases"] for d in r["dice"].values())
 
@@ -96,6 +99,10 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     assert set(view.card["validation"]["mean_dice"]) == {"liver"}
     assert view.card["validation"]["per_case_dice"].keys() == {r["case"] for r in results["cases"]}
     assert [c["name"] for c in view.classes] == ["liver"]
+    assert shipped.card["quality"] == {"contrast_check": True} and "quality" not in view.card  # as their tasks say
+    # what fine-tuning with replay needs: the label map, and the few patients its gate checks
+    assert shipped.card["training"]["label_map"] == {"1": 1, "2": 2, "3": 3, "4": 4}
+    assert sorted(view.card["validation"]["regression_cases"]) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
     training = shipped.card["training"]
     assert training["data"] == ["CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)"]
     assert training["reproduce"][0].startswith("python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ")
