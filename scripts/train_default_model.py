@@ -9,8 +9,10 @@ neighbours is what it has to learn). It is written twice:
 Trains on 11 patients, validates on 3 held-out patients with the full inference pipeline (Dice on
 the input grid) and writes weights + model cards.
 
-The shipped version 2.0.0 is an ensemble of two networks trained apart (seeds 3 and 4) on a GPU
-machine that had neither the data nor SimpleITK, in three steps:
+Version 2.0.0 was made with this script: an ensemble of two networks trained apart (seeds 3 and 4)
+on a GPU machine that had neither the data nor SimpleITK, in three steps (3.0.0 and later come from
+``scripts/cross_validate.py``, which also trains on the 3 patients held out here; their cards have
+the commands):
 
     python scripts/train_default_model.py --cache cases.npz --cache-only             # here
     python scripts/train_default_model.py --cache cases.npz --device cuda --seed 3 \
