@@ -424,7 +424,7 @@ def evaluate_cases(model: LoadedModel, cases: Sequence, reference: dict[str, Seq
     from ..inference.scoring import score_case
     from ..inference.segmenter import Segmenter
 
-    segmenter = Segmenter(model, device="cpu")
+    segmenter = Segmenter(model, device="cpu", contrast_check=False)  # Dice only: no quality control
     per_case = {case.case_id: score_case(segmenter, case, reference, quality=False)["dice"] for case in cases}
     names = [c["name"] for c in model.classes]
     mean = {n: float(np.mean([s[n] for s in per_case.values()])) for n in names}
