@@ -64,8 +64,9 @@ def main():
     records = {}  # weights sha256 -> record
     for folder in folders:
         model = load_model(folder)
-        fp32 = Segmenter(model, device="cpu", precision="fp32")
-        bf16 = Segmenter(model, device="cpu", precision="bf16")
+        # the labels of one pass are what bf16 could change: the contrast check adds nothing to it
+        fp32 = Segmenter(model, device="cpu", precision="fp32", contrast_check=False)
+        bf16 = Segmenter(model, device="cpu", precision="bf16", contrast_check=False)
         worst_difference, worst_agreement, checked = 0.0, 1.0, []
         for name, image_path, label_path, reference in cases_of(model.card, args.data, work):
             image = read_volume(image_path)
