@@ -227,7 +227,8 @@ def main():
 
     # a task with the quality control's contrast check runs the network twice more (abdomen-mr-t2)
     stages = STAGES[:4] + ["contrast check"] + STAGES[4:] if Segmenter(model, device="cpu").contrast_check else STAGES
-    header = f"{'precision':>9} | " + " | ".join(f"{s:>11}" for s in stages) + " | GFLOP/s | % of conv peak"
+    width = {s: max(11, len(s)) for s in stages}
+    header = f"{'precision':>9} | " + " | ".join(f"{s:>{width[s]}}" for s in stages) + " | GFLOP/s | % of conv peak"
     print(header)
     print("-" * len(header))
     labels = {}
@@ -239,7 +240,7 @@ def main():
             labels[precision] = runs[0][1]
             med = {s: statistics.median(r[0][s] for r in runs) for s in stages}
             gflops = gflop_slice * n_slices / med["inference"]
-            print(f"{precision:>9} | " + " | ".join(f"{med[s]:>10.3f}s" for s in stages)
+            print(f"{precision:>9} | " + " | ".join(f"{med[s]:>{width[s] - 1}.3f}s" for s in stages)
                   + f" | {gflops:>7.1f} | {100 * gflops / conv_peak:>5.0f} %")
         if "fp32" in labels and "bf16" in labels:
             differ = int(np.count_nonzero(labels["fp32"] != labels["bf16"]))

@@ -94,6 +94,13 @@ def main():
             "command": "python scripts/validate_precision.py",
         }
         print(f"{model.name_version}: {json.dumps(record)}", flush=True)
+        earlier = records.get(model.card["sha256"])  # the same weights under another view: keep the worse
+        if earlier:
+            record.update(validated=record["validated"] and earlier["validated"],
+                          largest_dice_difference=max(record["largest_dice_difference"],
+                                                      earlier["largest_dice_difference"]),
+                          smallest_label_agreement=min(record["smallest_label_agreement"],
+                                                       earlier["smallest_label_agreement"]))
         records[model.card["sha256"]] = record
     if args.dry_run:
         return
