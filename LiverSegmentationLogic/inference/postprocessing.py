@@ -34,14 +34,18 @@ def postprocess_labels(labels: np.ndarray, rules: dict[int, dict]) -> np.ndarray
     """
     out = labels.copy()
     for label, rule in rules.items():
-        mask = out == label
-        if not mask.any():
+        found = ndimage.find_objects((out == label).astype(np.uint8))
+        if not found:
             continue
+        # inside the class's bounding box only: its pieces lie there, and a hole in a slice is
+        # background that cannot reach the box's edge (all outside the box is background)
+        box = out[found[0]]  # a view: writes land in out
+        mask = box == label
         if rule.get("largest_component"):
             keep = largest_component(mask)
-            out[mask & ~keep] = 0
+            box[mask & ~keep] = 0
             mask = keep
         if rule.get("fill_holes"):
             filled = fill_holes_per_slice(mask)
-            out[filled & (out == 0)] = label
+            box[filled & (box == 0)] = label
     return out
