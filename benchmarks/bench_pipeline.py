@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from LiverSegmentationLogic.inference.contrast_check import contrast_check_enabled
 from LiverSegmentationLogic.inference.pipeline import segment_case, write_segmentation
 from LiverSegmentationLogic.inference.preprocessing import neighbour_stack, prepare_volume
 from LiverSegmentationLogic.inference.segmenter import Segmenter, native_bf16
@@ -226,7 +227,7 @@ def main():
         print()
 
     # a task with the quality control's contrast check runs the network twice more (abdomen-mr-t2)
-    stages = STAGES[:4] + ["contrast check"] + STAGES[4:] if Segmenter(model, device="cpu").contrast_check else STAGES
+    stages = STAGES[:4] + ["contrast check"] + STAGES[4:] if contrast_check_enabled(model.card) else STAGES
     width = {s: max(11, len(s)) for s in stages}
     header = f"{'precision':>9} | " + " | ".join(f"{s:>{width[s]}}" for s in stages) + " | GFLOP/s | % of conv peak"
     print(header)
