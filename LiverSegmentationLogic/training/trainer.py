@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from monai.transforms import RandHistogramShift
 
 from ..io.volumes import channel_array, crop_volume, read_volume
 from ..inference.segmenter import native_bf16, resolve_device
@@ -89,6 +90,9 @@ def load_case(
     return TrainingCase(name or Path(paths[0]).name, prepared.image, prepare_labels(mapped, prepared))
 
 
+HISTOGRAM_SHIFT_POINTS = (5, 10)  # fewer points, larger shifts (MONAI's default: 10)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """What :func:`augment_batch` does to each training batch.
@@ -104,6 +108,9 @@ class Augmentation:
     mirror: bool = False  # flip each in-plane axis with probability 0.5
     blur_probability: float = 0.0  # Gaussian blur, sigma 0.5-1.0 pixel (nnU-Net: 0.2)
     low_resolution_probability: float = 0.0  # down 1-2x, back up (nnU-Net: 0.25)
+    # MONAI's RandHistogramShift: a random monotonic intensity curve, for scanners, protocols and
+    # diseases (e.g. iron overload) that change the organs' contrast beyond what gamma covers
+    histogram_shift_probability: float = 0.0
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "Augmentation":
@@ -124,6 +131,9 @@ class Augmentation:
             parts.append(f"Gaussian blur (p {self.blur_probability:g})")
         if self.low_resolution_probability:
             parts.append(f"simulated low resolution (p {self.low_resolution_probability:g})")
+        if self.histogram_shift_probability:
+            parts.append(f"histogram shift, {HISTOGRAM_SHIFT_POINTS[0]}-{HISTOGRAM_SHIFT_POINTS[1]} control points "
+                         f"(p {self.histogram_shift_probability:g})")
         return ", ".join(parts)
 
 
@@ -165,6 +175,9 @@ def augment_batch(
                                           rand(b, lo=1, hi=2))
     if augmentation.blur_probability:
         images = _blur(images, rand(b, lo=0, hi=1) < augmentation.blur_probability, rand(b, lo=0.5, hi=1.0))
+    if augmentation.histogram_shift_probability:
+        images = _shift_histograms(images, rand(b, lo=0, hi=1) < augmentation.histogram_shift_probability,
+                                   int(torch.randint(2**31 - 1, (1,), generator=generator)))
     # intensity: gamma, contrast/brightness, noise
     gamma = torch.exp(rand(b, 1, 1, 1) * 0.3 * strength)
     images = images.clamp(0, 1) ** gamma
@@ -181,6 +194,17 @@ def _simulate_low_resolution(images: torch.Tensor, chosen: torch.Tensor, factor:
         small = F.interpolate(images[i : i + 1], size=(max(1, int(h / factor[i])), max(1, int(w / factor[i]))),
                               mode="nearest")
         out[i : i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
+
+
+def _shift_histograms(images: torch.Tensor, chosen: torch.Tensor, seed: int) -> torch.Tensor:
+    """MONAI's RandHistogramShift on the chosen images, one curve for all of an image's channels
+    (its neighbour slices), drawn from ``seed`` so that training stays reproducible."""
+    shift = RandHistogramShift(num_control_points=HISTOGRAM_SHIFT_POINTS, prob=1.0)
+    shift.set_random_state(seed=seed)
+    out = images.clone()
+    for i in chosen.nonzero().flatten().tolist():
+        out[i] = torch.as_tensor(shift(images[i]))
     return out
 
 

@@ -179,6 +179,30 @@ def test_augmentation_moves_images_and_labels_together_and_its_options_add_nnune
         Augmentation.from_options({"mirrors": True})
 
 
+def test_histogram_shift_bends_the_contrast_between_tissues_but_keeps_their_order():
+    """MONAI's RandHistogramShift as an option: one monotonic curve per image (all its neighbour
+    slices), reproducible from the training seed, off by default."""
+    import torch
+
+    from LiverSegmentationLogic.training.trainer import Augmentation, _shift_histograms
+
+    ramp = torch.linspace(0, 1, 48 * 48).reshape(1, 48, 48)
+    images = ramp.repeat(32, 3, 1, 1)  # every intensity 0-1, the same in each neighbour slice
+    chosen = torch.arange(32) % 2 == 0
+    shifted = _shift_histograms(images, chosen, seed=7)
+    assert torch.equal(shifted[~chosen], images[~chosen])
+    flat = shifted[chosen].flatten(2)
+    assert (flat[..., 1:] >= flat[..., :-1] - 1e-6).all()  # the order of intensities holds
+    assert torch.equal(shifted[chosen][:, 0], shifted[chosen][:, 2])  # one curve for all of an image's slices
+    assert (flat[..., 0] == 0).all() and torch.allclose(flat[..., -1], torch.ones(1))  # and the range
+    # the mid-tones move, by different amounts in different images (0.4 and 0.8: liver and spleen)
+    mid = shifted[chosen][:, 0].flatten(1)[:, [int(0.4 * 48 * 48), int(0.8 * 48 * 48)]]
+    assert (mid - torch.tensor([0.4, 0.8])).abs().max() > 0.1 and mid[:, 0].std() > 0.02
+    assert torch.equal(shifted, _shift_histograms(images, chosen, seed=7))
+    assert not torch.equal(shifted, _shift_histograms(images, chosen, seed=8))
+    assert "histogram shift" in Augmentation(histogram_shift_probability=0.3).describe()
+    assert "histogram" not in Augmentation().describe()
+
 def test_patch_training_runs_and_the_model_segments_whole_volumes(home, tmp_path, chaos_mr):
     data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21])
     task = load_task(small_task_file(home, training={"patch_size": 64, "augmentation": {"mirror": True}}))
