@@ -18,6 +18,7 @@ set -euo pipefail
 EPOCHS=${EPOCHS:-250}
 MEMBERS=${MEMBERS:-2}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run here
+PRECISION=${PRECISION:-fp32}  # bf16: autocast; a model resumes only in the precision it started in
 
 case "${1:-}" in
 wheel)
@@ -34,7 +35,7 @@ train)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     # one process per model: a small 2D U-Net leaves the GPU idle between Python's steps
     python3 scripts/cross_validate.py train --work "$work" --folds-to-train "$@" --members "$MEMBERS" \
-        --epochs "$EPOCHS" --time-budget "$budget" --device "$DEVICE" --jobs 7 || true
+        --epochs "$EPOCHS" --time-budget "$budget" --device "$DEVICE" --precision "$PRECISION" --jobs 7 || true
     for log in "$work"/*.log; do echo "$log: $(tail -n 1 "$log")"; done
     bash "$0" collect "$work" "$OUT"
     ls -la "$OUT"
