@@ -33,13 +33,15 @@ def postprocess_labels(labels: np.ndarray, rules: dict[int, dict]) -> np.ndarray
             (A rule's ``threshold`` acts before, on the probabilities: see ``segmenter.decision_weights``.)
     """
     out = labels.copy()
+    # each class's bounding box, all in one pass; they hold throughout, for a class's rules change
+    # only its own voxels and background
+    boxes = ndimage.find_objects(out)
     for label, rule in rules.items():
-        found = ndimage.find_objects((out == label).astype(np.uint8))
-        if not found:
+        if label > len(boxes) or boxes[label - 1] is None:
             continue
-        # inside the class's bounding box only: its pieces lie there, and a hole in a slice is
-        # background that cannot reach the box's edge (all outside the box is background)
-        box = out[found[0]]  # a view: writes land in out
+        # inside the class's bounding box only: its pieces lie there, and a hole in a slice cannot
+        # reach the box's edge (nothing outside the box belongs to the class)
+        box = out[boxes[label - 1]]  # a view: writes land in out
         mask = box == label
         if rule.get("largest_component"):
             keep = largest_component(mask)

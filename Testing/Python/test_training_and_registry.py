@@ -203,6 +203,7 @@ def test_histogram_shift_bends_the_contrast_between_tissues_but_keeps_their_orde
     assert "histogram shift" in Augmentation(histogram_shift_probability=0.3).describe()
     assert "histogram" not in Augmentation().describe()
 
+
 def test_patch_training_runs_and_the_model_segments_whole_volumes(home, tmp_path, chaos_mr):
     data = link_dataset(tmp_path / "mr", chaos_mr, [1, 21])
     task = load_task(small_task_file(home, training={"patch_size": 64, "augmentation": {"mirror": True}}))
