@@ -77,6 +77,9 @@ def main(argv=None):
                    help="bf16: the forward pass under bf16 autocast, faster on CPUs with bf16 in hardware "
                         "(see benchmarks/bench_training.py); a model resumes only in the precision it started in")
     s.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process")
+    s.add_argument("--fold-seed", type=int, default=0,
+                   help="training seed of the fold models: the same recipe trained again with another seed "
+                        "(in another work folder) measures how much a seed alone moves the estimate")
     s.add_argument("--one", help=argparse.SUPPRESS)  # internal: train this one model ('fold3', 'member1')
     s = sub.add_parser("evaluate", help="segment every patient with the fold model that never saw it")
     s.add_argument("--work", type=Path, required=True)
@@ -164,7 +167,8 @@ def train(args):
             name = names.pop(0)
             command = [sys.executable, __file__, "train", "--work", str(args.work), "--one", name,
                        "--epochs", str(args.epochs), "--time-budget", str(args.time_budget),
-                       "--device", args.device, "--members", str(args.members), "--precision", args.precision]
+                       "--device", args.device, "--members", str(args.members), "--precision", args.precision,
+                       "--fold-seed", str(args.fold_seed)]
             log = open(args.work / f"{name}.log", "a")
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")  # the log shows each epoch
             running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)))
@@ -189,14 +193,15 @@ def _finished(folder: Path, epochs: int) -> bool:
 
 
 def _train_one(args, plan: dict, name: str):
-    """One model: ``fold<f>`` on every case outside fold f, ``member<m>`` on every case (seed m)."""
+    """One model: ``fold<f>`` on every case outside fold f (seed ``--fold-seed``), ``member<m>`` on
+    every case (seed m)."""
     from LiverSegmentationLogic.training.task_training import new_network, train_config, write_model
     from LiverSegmentationLogic.training.trainer import train_network
 
     task = load_task(plan["task"])
     cases = read_prepared_cases(args.work / "cases.npz")
     if name.startswith("fold"):
-        held, seed = set(plan["folds"][int(name[4:])]), 0
+        held, seed = set(plan["folds"][int(name[4:])]), args.fold_seed
     else:
         held, seed = set(), int(name[6:])
     chosen = [c for c in cases if c.name not in held]

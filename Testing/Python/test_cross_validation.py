@@ -37,7 +37,7 @@ def cross_validated(chaos_mr, tmp_path_factory):
     work = root / "work"
     run("prepare", "--task", "abdomen-mr-t2", "--data", data, "--folds", 3, "--work", work)
     out = run("train", "--work", work, "--members", 1, "--epochs", 1, "--time-budget", 2, "--device", "cpu",
-              "--jobs", 2, "--precision", "bf16")
+              "--jobs", 2, "--precision", "bf16", "--fold-seed", 1)
     return root, work, out
 
 
@@ -48,7 +48,9 @@ def test_each_fold_model_never_saw_its_patients(cross_validated):
     for f, held in enumerate(plan["folds"]):
         trained_on = load_model(work / f"fold{f}").card["training"]["train_cases"]
         assert not set(trained_on) & set(held) and len(trained_on) == len(PATIENTS) - len(held)
+        assert load_model(work / f"fold{f}").card["training"]["seed"] == 1  # --fold-seed; members keep theirs
     member = load_model(work / "member0").card["training"]
+    assert member["seed"] == 0
     assert sorted(member["train_cases"]) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
     assert out.count("done") == 4  # 3 folds and 1 member
     again = run("train", "--work", work, "--members", 1, "--epochs", 1, "--device", "cpu")
