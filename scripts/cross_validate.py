@@ -407,8 +407,9 @@ def ship(args):
     first = models[0].card["training"]
     trainings = [m.card["training"] for m in models]
     combined = plan.get("combined_from")  # a recipe that averages others' (combine): each has its own steps
-    recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"]) for i, c in enumerate(combined)] if combined
-               else [("WORK", len(models), first["epochs_run"])])
+    recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"], _fold_seed(Path(c["work"])))
+                for i, c in enumerate(combined)]
+               if combined else [("WORK", len(models), first["epochs_run"], _fold_seed(args.work))])
     if len(models) == 1:
         ensemble = f"one network trained on every case (seed {first['seed']})"
     else:
@@ -430,10 +431,10 @@ def ship(args):
         **({"augmentation": first["augmentation"]} if "augmentation" in first else {}),
         "reproduce": [
             *(f"python scripts/cross_validate.py prepare --task {plan['task']} --data {sources} "
-              f"--folds {len(plan['folds'])} --seed {plan['seed']} --work {work}" for work, _, _ in recipes),
+              f"--folds {len(plan['folds'])} --seed {plan['seed']} --work {work}" for work, *_ in recipes),
             *(f"python scripts/cross_validate.py train --work {work} --members {n} --epochs {epochs}{precision}"
-              for work, n, epochs in recipes),
-            *([f"python scripts/cross_validate.py combine --works {' '.join(w for w, _, _ in recipes)} --work WORK"]
+              + (f" --fold-seed {fold_seed}" if fold_seed else "") for work, n, epochs, fold_seed in recipes),
+            *([f"python scripts/cross_validate.py combine --works {' '.join(w for w, *_ in recipes)} --work WORK"]
               if combined else []),
             "python scripts/cross_validate.py evaluate --work WORK"
             + (f" --first-stage {first_stage_task.upper().replace('-', '_')}_WORK" if first_stage_task else ""),
@@ -456,6 +457,14 @@ def ship(args):
                 "validation": validation}
         write_model(args.models / name, task, network, card)
         print(f"wrote {args.models / name}")
+
+
+def _fold_seed(work: Path) -> int:
+    """The training seed a work folder's fold models were trained with (``train --fold-seed``)."""
+    try:
+        return int(json.loads((work / "fold0" / "model_card.json").read_text())["training"].get("seed", 0))
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def regression_cases(task, cases: list[str]) -> list[str]:

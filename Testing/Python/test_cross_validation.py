@@ -108,7 +108,7 @@ def test_evaluation_and_the_shipped_card(cross_validated):
     training = shipped.card["training"]
     assert training["data"] == ["CHAOS MR T2-SPIR (Kavur et al., Medical Image Analysis 69, 2021; CC BY-SA 4.0)"]
     assert training["reproduce"][0].startswith("python scripts/cross_validate.py prepare --task abdomen-mr-t2 --data ")
-    assert training["reproduce"][1].endswith("--members 1 --epochs 1 --precision bf16")  # as the members were
+    assert training["reproduce"][1].endswith("--members 1 --epochs 1 --precision bf16 --fold-seed 1")  # as trained
     assert "--views liver-mr-t2" in training["reproduce"][-1]
     assert training["members"][0]["precision"].startswith("bf16 autocast")
     assert training["loss"] == load_model(work / "member0").card["training"]["loss"]  # as trained, weights included
@@ -141,7 +141,7 @@ def test_two_recipes_are_combined_into_one_ensemble(cross_validated, tmp_path):
     assert len(training["members"]) == 2 and "(seed 0, 1 epochs; seed 0, 1 epochs)" in training["ensemble"]
     assert [line.split()[2] for line in training["reproduce"]] == [
         "prepare", "prepare", "train", "train", "combine", "evaluate", "ship"]
-    assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1 --precision bf16")
+    assert training["reproduce"][2].endswith("--work WORK_1 --members 1 --epochs 1 --precision bf16 --fold-seed 1")
     assert training["reproduce"][4].endswith("combine --works WORK_1 WORK_2 --work WORK")
     retrain = subprocess.run([sys.executable, str(SCRIPT), "train", "--work", str(both), "--epochs", "1"],
                              capture_output=True, text=True, timeout=300)
