@@ -184,12 +184,23 @@ def train(args):
         raise SystemExit(f"failed: {', '.join(failed)} (see their logs; a re-run resumes them)")
 
 
+def _training_record(folder: Path) -> dict:
+    """The ``training`` record of a model folder's card; empty where there is no readable card yet."""
+    try:
+        return dict(json.loads((folder / "model_card.json").read_text())["training"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _finished(folder: Path, epochs: int) -> bool:
     """Trained for every epoch before (a model cut short by --time-budget resumes)."""
-    try:
-        return json.loads((folder / "model_card.json").read_text())["training"]["epochs_run"] >= epochs
-    except (OSError, ValueError, KeyError):
-        return False
+    record = _training_record(folder)
+    return "epochs_run" in record and record["epochs_run"] >= epochs
+
+
+def _fold_seed(work: Path) -> int:
+    """The training seed a work folder's fold models were trained with (``train --fold-seed``)."""
+    return int(_training_record(work / "fold0").get("seed", 0))
 
 
 def _train_one(args, plan: dict, name: str):
@@ -277,7 +288,7 @@ def combine(args):
         if not members[w] or not all((f / "model_card.json").is_file() for f in folds):
             raise SystemExit(f"{w}: train every fold and at least one member first")
         epochs = max(json.loads(card.read_text())["training"]["epochs_run"] for card in members[w])
-        sources.append({"work": str(w), "members": len(members[w]), "epochs": epochs})
+        sources.append({"work": str(w), "members": len(members[w]), "epochs": epochs, "fold_seed": _fold_seed(w)})
     args.work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.works[0] / "cases.npz", args.work / "cases.npz")
     (args.work / "plan.json").write_text(json.dumps(dict(plans[0], combined_from=sources), indent=1) + "\n")
@@ -407,8 +418,8 @@ def ship(args):
     first = models[0].card["training"]
     trainings = [m.card["training"] for m in models]
     combined = plan.get("combined_from")  # a recipe that averages others' (combine): each has its own steps
-    recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"], _fold_seed(Path(c["work"])))
-                for i, c in enumerate(combined)]
+    # (plans combined before --fold-seed existed have no "fold_seed": their folds were trained with 0)
+    recipes = ([(f"WORK_{i + 1}", c["members"], c["epochs"], c.get("fold_seed", 0)) for i, c in enumerate(combined)]
                if combined else [("WORK", len(models), first["epochs_run"], _fold_seed(args.work))])
     if len(models) == 1:
         ensemble = f"one network trained on every case (seed {first['seed']})"
@@ -457,14 +468,6 @@ def ship(args):
                 "validation": validation}
         write_model(args.models / name, task, network, card)
         print(f"wrote {args.models / name}")
-
-
-def _fold_seed(work: Path) -> int:
-    """The training seed a work folder's fold models were trained with (``train --fold-seed``)."""
-    try:
-        return int(json.loads((work / "fold0" / "model_card.json").read_text())["training"].get("seed", 0))
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def regression_cases(task, cases: list[str]) -> list[str]:

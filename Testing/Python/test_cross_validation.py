@@ -46,9 +46,10 @@ def test_each_fold_model_never_saw_its_patients(cross_validated):
     plan = json.loads((work / "plan.json").read_text())
     assert sorted(c for fold in plan["folds"] for c in fold) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
     for f, held in enumerate(plan["folds"]):
-        trained_on = load_model(work / f"fold{f}").card["training"]["train_cases"]
+        training = load_model(work / f"fold{f}").card["training"]
+        trained_on = training["train_cases"]
         assert not set(trained_on) & set(held) and len(trained_on) == len(PATIENTS) - len(held)
-        assert load_model(work / f"fold{f}").card["training"]["seed"] == 1  # --fold-seed; members keep theirs
+        assert training["seed"] == 1  # --fold-seed; members keep theirs
     member = load_model(work / "member0").card["training"]
     assert member["seed"] == 0
     assert sorted(member["train_cases"]) == sorted(f"chaos-mr-t2/{n}" for n in PATIENTS)
