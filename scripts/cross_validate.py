@@ -219,7 +219,7 @@ def _train_one(args, plan: dict, name: str):
     folder = args.work / name
     folder.mkdir(exist_ok=True)
     config = train_config(task, chosen, args.epochs, args.time_budget, seed, args.device, args.precision)
-    network = new_network(task)
+    network = new_network(task, seed)
     t0 = time.perf_counter()
     losses = train_network(network, chosen, task.preprocess_config(), config, checkpoint=folder / "checkpoint.pt")
     card = dict(task.card(), version=f"cv-{name}", created=_now(), tool_version=__version__, training={

@@ -49,9 +49,13 @@ def load_task_cases(task: Task, cases: Sequence[CaseFiles]) -> list[TrainingCase
     return [load_case(c.images, c.label, config, task.label_map, name=c.case_id, roi=roi) for c in cases]
 
 
-def new_network(task: Task) -> UNet2D:
+def new_network(task: Task, seed: int = 0) -> UNet2D:
+    """The task's untrained network, its initial weights drawn from ``seed`` (torch seeds each new
+    process at random, so a network built without one could not be trained again the same)."""
     options = {"width": 16, "depth": 4, "dropout": 0.1, **task.spec.get("network", {})}
-    return UNet2D(in_channels=task.preprocess_config().in_channels, n_classes=task.n_classes, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2D(in_channels=task.preprocess_config().in_channels, n_classes=task.n_classes, **options)
 
 
 def train_config(task: Task, cases: Sequence[TrainingCase], epochs=None, time_budget_s=None, seed=0,
@@ -184,8 +188,7 @@ def _fit(task, cases, epochs, time_budget_s, seed, device, checkpoint, log, fold
          datasets=(), precision="fp32") -> LoadedModel:
     loaded = load_task_cases(task, cases)
     train = train_config(task, loaded, epochs, time_budget_s, seed, device, precision)
-    torch.manual_seed(seed)
-    network = new_network(task)
+    network = new_network(task, seed)
     t0 = time.perf_counter()
     losses = train_network(network, loaded, task.preprocess_config(), train, checkpoint=checkpoint, log=log)
     card = dict(task.card(), version=str(version))

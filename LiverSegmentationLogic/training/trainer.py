@@ -315,6 +315,19 @@ def _batch(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Te
     return x, y
 
 
+def _dropout_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout draws from (the device's default one), so that a resumed
+    training drops the same units as one that ran through."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_dropout_rng_state(state: torch.Tensor, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def train_network(
     network: UNet2D,
     cases: Sequence[TrainingCase],
@@ -355,6 +368,8 @@ def train_network(
         start_epoch, losses = state["epoch"], state["losses"]
         rng.bit_generator.state = state["numpy_rng"]
         generator.set_state(state["torch_rng"].cpu())
+        if "dropout_rng" in state:  # checkpoints from before 2026-12-04 lack it
+            _set_dropout_rng_state(state["dropout_rng"].cpu(), device)
         log(f"resumed from {checkpoint} at epoch {start_epoch}")
     k = config.neighbours
     t_start = time.perf_counter()
@@ -395,6 +410,7 @@ def train_network(
                     "losses": losses,
                     "numpy_rng": rng.bit_generator.state,
                     "torch_rng": generator.get_state(),
+                    "dropout_rng": _dropout_rng_state(device),
                     "precision": train.precision,
                 },
                 checkpoint,

@@ -58,6 +58,25 @@ def test_each_fold_model_never_saw_its_patients(cross_validated):
     assert "training" not in again  # finished models are not trained again
 
 
+def test_a_fold_trained_again_in_a_new_process_has_the_same_weights(cross_validated, tmp_path):
+    """The card's command reproduces the model itself, not only its recipe: the initial weights,
+    the sampling, the augmentation and the dropout all come from the training seed (torch seeds
+    each new process at random)."""
+    import torch
+
+    _, work, _ = cross_validated
+    weights = []
+    for name in ("a", "b"):
+        again = tmp_path / name
+        again.mkdir()
+        (again / "plan.json").write_text((work / "plan.json").read_text())
+        (again / "cases.npz").symlink_to(work / "cases.npz")
+        run("train", "--work", again, "--folds-to-train", 0, "--epochs", 1, "--device", "cpu", "--fold-seed", 1)
+        weights.append(load_model(again / "fold0").network.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_evaluation_and_the_shipped_card(cross_validated):
     root, work, _ = cross_validated
     (work / "fold1").rename(work / "fold1-away")  # still training: an interim estimate, never shipped

@@ -128,6 +128,43 @@ def test_bf16_training_follows_fp32_keeps_fp32_weights_and_resumes_only_in_bf16(
                    checkpoint=tmp_path / "bf16.pt", log=lambda m: None)
 
 
+def test_an_interrupted_training_resumes_to_the_weights_of_one_that_ran_through(home, tmp_path, chaos_mr):
+    """A CPU training killed between epochs (a session ending) and run again ends with the same
+    network: the checkpoint carries every random state, dropout's included, and the initial
+    weights come from the seed."""
+    import torch
+    from LiverSegmentationLogic.training.task_training import load_task_cases, new_network, train_config
+    from LiverSegmentationLogic.training.trainer import train_network
+
+    path = small_task_file(home, name="tiny-dropout")
+    spec = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(spec, network=dict(spec["network"], dropout=0.1))))
+    task = load_task(path)
+    cases = load_task_cases(task, find_cases(link_dataset(tmp_path / "mr", chaos_mr, [1])))
+    train = train_config(task, cases, epochs=2, seed=3, device="cpu")
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_the_first_epoch(epoch, loss, network):
+        raise Killed
+
+    through = new_network(task, seed=3)
+    losses = train_network(through, cases, task.preprocess_config(), train, checkpoint=tmp_path / "through.pt",
+                           log=lambda m: None)
+    with pytest.raises(Killed):
+        train_network(new_network(task, seed=3), cases, task.preprocess_config(), train,
+                      checkpoint=tmp_path / "killed.pt", on_epoch=killed_after_the_first_epoch, log=lambda m: None)
+    torch.manual_seed(12345)  # a new process: torch's own generator starts elsewhere
+    resumed = new_network(task, seed=3)
+    log = []
+    assert train_network(resumed, cases, task.preprocess_config(), train, checkpoint=tmp_path / "killed.pt",
+                         log=log.append) == losses
+    assert log[0].startswith("resumed from") and len(log) == 2
+    after, before = resumed.state_dict(), through.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_random_patches_cover_the_slice_and_favour_the_foreground():
     from LiverSegmentationLogic.training.trainer import random_patch
 
