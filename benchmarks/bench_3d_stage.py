@@ -34,14 +34,12 @@ from LiverSegmentationLogic.inference.postprocessing import postprocess_labels
 from LiverSegmentationLogic.inference.preprocessing import neighbour_stack
 from LiverSegmentationLogic.inference.segmenter import Segmenter
 from LiverSegmentationLogic.models.model_files import load_model
+from LiverSegmentationLogic.models.tasks import load_task
 from LiverSegmentationLogic.readouts.metrics import dice
 from LiverSegmentationLogic.training.trainer import read_prepared_cases
 
-N_CLASSES = 5
-NAMES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 
-
-def new_network(seed: int, factor: int) -> torch.nn.Module:
+def new_network(n_classes: int, seed: int, factor: int) -> torch.nn.Module:
     """The 3D U-Net for in-plane voxels ``factor`` times the prepared grid's 2 mm."""
     from monai.networks.nets import UNet
 
@@ -51,7 +49,7 @@ def new_network(seed: int, factor: int) -> torch.nn.Module:
         channels, strides = (16, 32, 64, 128, 192), ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return UNet(spatial_dims=3, in_channels=1, out_channels=N_CLASSES, channels=channels, strides=strides,
+        return UNet(spatial_dims=3, in_channels=1, out_channels=n_classes, channels=channels, strides=strides,
                     num_res_units=1, norm="instance")
 
 
@@ -62,9 +60,9 @@ def low_res(image: np.ndarray, factor: int) -> torch.Tensor:
     return F.pad(x[None, None], (0, 0, 0, 0, 0, pad))
 
 
-def low_res_labels(labels: np.ndarray, factor: int) -> torch.Tensor:
+def low_res_labels(labels: np.ndarray, n_classes: int, factor: int) -> torch.Tensor:
     """Class shares of each voxel of :func:`low_res`'s grid (soft targets), (1, C, Z', H', W')."""
-    onehot = F.one_hot(torch.from_numpy(labels).long(), N_CLASSES).permute(0, 3, 1, 2).float()
+    onehot = F.one_hot(torch.from_numpy(labels).long(), n_classes).permute(0, 3, 1, 2).float()
     soft = F.avg_pool2d(onehot, factor).permute(1, 0, 2, 3)[None]
     pad = -soft.shape[2] % 4
     soft = F.pad(soft, (0, 0, 0, 0, 0, pad))
@@ -101,11 +99,12 @@ def train_fold(work: str, out: str, fold: int, epochs: int, seed: int, factor: i
     torch.set_num_threads(1)  # one process per fold
     plan = json.loads((Path(work) / "plan.json").read_text())
     held_out = set(plan["folds"][fold])
+    n_classes = load_task(plan["task"]).n_classes
     cases = [c for c in read_prepared_cases(Path(work) / "cases.npz") if c.name not in held_out]
-    data = [(low_res(c.image, factor), low_res_labels(c.labels, factor)) for c in cases]
+    data = [(low_res(c.image, factor), low_res_labels(c.labels, n_classes, factor)) for c in cases]
     folder = Path(out) / f"fold{fold}"
     folder.mkdir(parents=True, exist_ok=True)
-    network = new_network(seed + fold, factor)
+    network = new_network(n_classes, seed + fold, factor)
     optimiser = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
     start, log = 0, []
     checkpoint = folder / "checkpoint.pt"
@@ -131,18 +130,19 @@ def train_fold(work: str, out: str, fold: int, epochs: int, seed: int, factor: i
             total += float(loss.detach())
         log.append({"epoch": epoch + 1, "loss": total / len(data), "seconds": time.perf_counter() - t0})
         torch.save({"network": network.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch + 1,
-                    "log": json.dumps(log), "factor": factor}, checkpoint)
+                    "log": json.dumps(log)}, checkpoint)
         print(f"fold {fold} epoch {epoch + 1}/{epochs} loss {log[-1]['loss']:.3f} {log[-1]['seconds']:.1f} s",
               flush=True)
     return str(checkpoint)
 
 
 def probabilities_2d(segmenter: Segmenter, image: np.ndarray) -> torch.Tensor:
-    """The 2D fold model's class probabilities on the prepared grid, (C, Z, H, W)."""
-    k, out = segmenter.config.neighbours, []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for start in range(0, len(image), 8):
-            idx = np.arange(start, min(start + 8, len(image)))
+    """The 2D fold model's class probabilities on the prepared grid, (C, Z, H, W), batched and in
+    the precision the segmenter would use."""
+    k, step, out = segmenter.config.neighbours, segmenter.batch_size, []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=segmenter.precision == "bf16"):
+        for start in range(0, len(image), step):
+            idx = np.arange(start, min(start + step, len(image)))
             out.append(torch.softmax(segmenter.network(torch.from_numpy(neighbour_stack(image, idx, k))).float(), 1))
     return torch.cat(out).permute(1, 0, 2, 3)
 
@@ -154,23 +154,23 @@ def probabilities_3d(network: torch.nn.Module, image: np.ndarray, factor: int) -
     return F.interpolate(probs, size=image.shape[1:], mode="bilinear", align_corners=False)
 
 
-def evaluate(work: str, out: str, fold: int, seed: int, factor: int) -> list[dict]:
-    plan = json.loads((Path(work) / "plan.json").read_text())
-    held_out = plan["folds"][fold]
-    cases = {c.name: c for c in read_prepared_cases(Path(work) / "cases.npz")}
-    segmenter = Segmenter(load_model(Path(work) / f"fold{fold}"), device="cpu", contrast_check=False)
-    network = new_network(seed + fold, factor)
+def evaluate(work: str, out: str, plan: dict, cases: dict, fold: int, seed: int, factor: int) -> list[dict]:
+    """Dice per written class of each patient ``fold`` held out, for the 2D, 3D and averaged labels."""
+    segmenter = Segmenter(load_model(Path(work) / f"fold{fold}"), device="cpu", precision="bf16", contrast_check=False)
+    written = segmenter.output_labels.numpy()  # network class -> written label, as the segmenter writes
+    network = new_network(len(written), seed + fold, factor)
     network.load_state_dict(torch.load(Path(out) / f"fold{fold}" / "checkpoint.pt", weights_only=True)["network"])
     network.eval()
     rows = []
-    for name in held_out:
+    for name in plan["folds"][fold]:
         case = cases[name]
+        reference = written[case.labels]
         p2, p3 = probabilities_2d(segmenter, case.image), probabilities_3d(network, case.image, factor)
         for way, probs in (("2D", p2), ("3D", p3), ("2D+3D", (p2 + p3) / 2)):
-            labels = postprocess_labels(probs.argmax(0).numpy().astype(np.uint8), segmenter.rules)
-            for label, structure in NAMES.items():
-                rows.append({"patient": name, "fold": fold, "way": way, "structure": structure,
-                             "dice": dice(labels == label, case.labels == label)})
+            labels = postprocess_labels(written[probs.argmax(0).numpy()], segmenter.rules)
+            for c in segmenter.model.classes:
+                rows.append({"patient": name, "fold": fold, "way": way, "structure": c["name"],
+                             "dice": dice(labels == c["label"], reference == c["label"])})
     return rows
 
 
@@ -187,14 +187,18 @@ def main():
     factor = 1 if args.full_resolution else 2
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = [pool.submit(train_fold, args.work, args.out, f, args.epochs, args.seed, factor) for f in args.folds]
-        [run.result() for run in runs]
-    rows = [r for f in args.folds for r in evaluate(args.work, args.out, f, args.seed, factor)]
+        for run in runs:
+            run.result()
+    plan = json.loads((Path(args.work) / "plan.json").read_text())
+    cases = {c.name: c for c in read_prepared_cases(Path(args.work) / "cases.npz")}
+    rows = [r for f in args.folds for r in evaluate(args.work, args.out, plan, cases, f, args.seed, factor)]
     (Path(args.out) / "results.json").write_text(json.dumps(rows, indent=1))
     patients = list(dict.fromkeys(r["patient"] for r in rows))
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
     ways = ("2D", "3D", "2D+3D")
     print("| patient | structure | " + " | ".join(ways) + " |\n|---|---|---|---|---|")
     for name in patients:
-        for structure in NAMES.values():
+        for structure in structures:
             scores = {r["way"]: r["dice"] for r in rows if r["patient"] == name and r["structure"] == structure}
             print(f"| {name} | {structure} | " + " | ".join(f"{scores[w]:.3f}" for w in ways) + " |")
     for title, skip in (("mean", None), ("mean without chaos-mr-t2/15", "chaos-mr-t2/15")):
